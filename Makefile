@@ -1,0 +1,48 @@
+# Two commands do all set-up on a fresh Debian machine with Python 3.11:
+#   make demo   runs the main job on the embedded default (zoo:resnet20-fmnist on Fashion-MNIST)
+#   make test   runs the test suite
+# Both go through `make install`, which is idempotent.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: install demo test bench clean data
+
+install: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (cwhawq needs Python 3.11)"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[tvm,dev]"
+	touch $(STAMP)
+
+data:
+	@if ls $(DATA_DIR)/train-images-idx3-ubyte.gz >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || \
+	  { echo "error: could not install the Debian package dataset-fashion-mnist; install it or set CWHAWQ_DATA to a directory of Fashion-MNIST IDX files"; exit 2; }; \
+	else \
+	  echo "note: Fashion-MNIST not found in $(DATA_DIR): run 'sudo apt-get install dataset-fashion-mnist' or set CWHAWQ_DATA (tests that need it will skip)"; \
+	fi
+	@if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null 2>&1 || \
+	  echo "note: g++-aarch64-linux-gnu not installed: aarch64 cross-compilation will be unavailable"; \
+	fi
+
+demo: install
+	$(VENV)/bin/cwhawq demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
