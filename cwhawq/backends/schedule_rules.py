@@ -1,0 +1,116 @@
+"""CPU schedules for the operators TVM's importer produces around our kernels.
+
+TVM's default CPU pipeline leaves every operator as unscheduled serial loops. The packed kernels
+schedule themselves (``tirx.is_scheduled``); these rules cover the rest of the graph (element-wise
+adds and activations, padding, pooling, reductions, layout ops, and fp32 operators when our
+kernels are disabled):
+
+* :class:`CpuInjective`: inline element-wise producers into their consumer, fuse the spatial loops
+  of the result, run the outer part in parallel and vectorize the inner part;
+* :class:`CpuFallback`: every remaining block gets its leading spatial loops fused and parallel,
+  and its innermost spatial loop vectorized when it is a static power-of-two multiple;
+* dlight's CPU ``Reduction`` rule (softmax/norm shapes) is tried first.
+
+Small operators (under ``PARALLEL_MIN`` elements) stay single-threaded: a fork/join of TVM's
+thread pool costs more than they do.
+"""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+
+PARALLEL_MIN = 16384
+VECTOR = 16
+
+
+def _static(v) -> int | None:
+    return int(v.value) if isinstance(v, tirx.IntImm) else None
+
+
+def _work(sch, loops) -> int | None:
+    total = 1
+    for lp in loops:
+        e = _static(sch.get(lp).extent)
+        if e is None:
+            return None
+        total *= e
+    return total
+
+
+def _schedule_spatial(sch, block, loops, parallel_ok: bool = True) -> None:
+    """Fuse spatial loops -> [parallel outer, vector inner] (best effort)."""
+    if not loops:
+        return
+    work = _work(sch, loops)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    ext = _static(sch.get(fused).extent)
+    if ext is not None and ext >= 2 * VECTOR and ext % VECTOR == 0:
+        outer, inner = sch.split(fused, factors=[None, VECTOR])
+        sch.vectorize(inner)
+    else:
+        outer = fused
+    if parallel_ok and (work is None or work >= PARALLEL_MIN):
+        sch.parallel(outer)
+
+
+class CpuInjective(ScheduleRule):
+    """Element-wise / injective functions: inline, fuse, parallel + vectorize."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or any(not bi.is_injective() for bi in infos):
+            return None
+        infos = try_inline(sch, infos)
+        if len(infos) != 1:
+            return None
+        block = infos[0].block_rv
+        _schedule_spatial(sch, block, sch.get_loops(block))
+        return sch
+
+
+class CpuFallback(ScheduleRule):
+    """Anything else (reductions, pooling, multi-block functions): parallel spatial loops."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        try:
+            infos = try_inline(sch, infos)
+        except Exception:  # noqa: BLE001 - inlining is an optimisation only
+            infos = normalize_prim_func(sch)
+        for bi in infos:
+            loops = sch.get_loops(bi.block_rv)
+            kinds = bi.dom_kind()
+            lead = []
+            for lp, k in zip(loops, kinds):
+                if k != "S":
+                    break
+                lead.append(lp)
+            if not lead:
+                continue
+            work = _work(sch, lead)
+            fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+            if work is None or work >= 64:
+                try:
+                    sch.parallel(fused)
+                except Exception:  # noqa: BLE001 - e.g. a dependent block shares the loop
+                    pass
+        return sch
+
+
+def cpu_rules() -> list[ScheduleRule]:
+    return [CpuInjective(), dl.cpu.Reduction(), CpuFallback()]
+
+
+def apply_cpu_schedules():
+    """The module pass scheduling every unscheduled PrimFunc for CPU."""
+    return dl.ApplyDefaultSchedule(*cpu_rules())
