@@ -47,3 +47,41 @@ def evaluate(model: str, data: str = "fashion-mnist", split: str = "test", data_
     rep["plan"] = str(plan) if not hasattr(plan, "layers") else "<plan>"
     rep.update({k: v for k, v in p.metrics(qm.layer_infos).items() if k in ("avg_w_bits", "avg_a_bits", "size_ratio")})
     return rep
+
+
+def analyze(model: str, data: str = "fashion-mnist", out: str | None = None, data_dir: str | None = None,
+            batch_size: int = 128, batches: int = 1, max_probes: int = 512, tol: float = 0.01, seed: int = 0,
+            scheme: str = "auto", plot: str | None = None, progress: bool = False) -> dict:
+    """Channel-wise Hessian traces and Omega of a model on ``batches`` x ``batch_size`` train samples."""
+    from .evaluate import check_input_shape
+    from .graph import qmodel_from_loaded
+    from .hessian import analyze as _analyze, plot_sensitivity
+    from .models import load_model
+
+    loaded = load_model(model)
+    ds = D.load(data, "train", data_dir)
+    check_input_shape(loaded.input_shape, ds)
+    qm = qmodel_from_loaded(loaded)
+    bar = None
+    cb = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_probes, desc="hessian probes", unit="probe", leave=False)
+
+        def cb(p, worst):
+            bar.update(p - bar.n)
+            bar.set_postfix(rel_stderr=f"{worst:.3g}")
+    try:
+        sens = _analyze(qm, ds, batch_size=batch_size, batches=batches, max_probes=max_probes, tol=tol,
+                        seed=seed, scheme=scheme, progress=cb, model_name=model)
+    finally:
+        if bar is not None:
+            bar.close()
+    if out:
+        from .io import write_json
+
+        write_json(out, sens, indent=None)
+    if plot:
+        plot_sensitivity(sens, plot)
+    return sens

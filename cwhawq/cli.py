@@ -97,6 +97,77 @@ def eval_cmd(model, data_spec, data_dir, split, batch_size, limit, plan_path, ca
                        + (f" with plan {plan_path}" if plan_path else ""))
 
 
+@cli.command("compile")
+@click.argument("onnx_path", metavar="MODEL.onnx")
+@click.option("--target", default="llvm", show_default=True,
+              help="llvm, aarch64, aarch64-dotprod, cuda, jetson-orin, raspberry-pi-4, or a TVM target JSON.")
+@click.option("--arch", default=None, help="CUDA architecture, e.g. sm_80, sm_87 (CUDA targets).")
+@click.option("--out", "out", default=None, help="Artifact path: .so (shared library) or .tar (objects to "
+              "link on the board). Default: MODEL.so.")
+@click.option("--batch", default=None, type=click.IntRange(1), help="Fix a symbolic batch dimension.")
+@click.option("--tune", "tune_trials", default=0, show_default=True, type=click.IntRange(0),
+              help="MetaSchedule trials per remaining operator (cached tuning database).")
+@click.option("--no-kernels", is_flag=True, help="Let TVM compile every layer in fp32 (a baseline).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@handled
+def compile_cmd(onnx_path, target, arch, out, batch, tune_trials, no_kernels, as_json):
+    """Compile an ONNX model with TVM: quantized layers on packed low-bit kernels."""
+    from .backends.cli_commands import compile_text
+    from .backends.tvm import compile_model
+
+    res = compile_model(onnx_path, target=target, out=out, arch=arch, batch=batch, tune_trials=tune_trials,
+                        kernels=not no_kernels, log=lambda m: click.echo(m, err=True))
+    emit(res.manifest, as_json, compile_text(res))
+
+
+@cli.command("run")
+@click.argument("artifact")
+@click.option("--input", "inputs", multiple=True, required=True,
+              help="Input .npy (in order), or NAME=FILE.npy; an .npz gives inputs by name.")
+@click.option("--out", "out", required=True, help="Output .npy (one output) or .npz (several).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@handled
+def run_cmd(artifact, inputs, out, as_json):
+    """Run a compiled ARTIFACT (.so + manifest) on the local CPU or GPU."""
+    from .backends.cli_commands import run_files
+
+    rep = run_files(artifact, inputs, out)
+    emit(rep, as_json, f"wrote {', '.join(o['name'] + str(o['shape']) for o in rep['outputs'])} to {out} "
+                       f"({rep['seconds'] * 1e3:.2f} ms on {rep['device']})")
+
+
+@cli.command("analyze")
+@click.argument("model")
+@data_option
+@data_dir_option
+@click.option("--out", required=True, help="Sensitivity JSON to write (docs/sensitivity.md).")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--batches", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--max-probes", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--tol", default=0.01, show_default=True, type=click.FloatRange(0, min_open=False),
+              help="Stop when every layer trace's standard error is below tol x |trace|.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--scheme", default="auto", show_default=True,
+              help="Probing scheme: auto, exact, ggn, layer, network, interleave:K, channel (docs/hessian.md).")
+@click.option("--plot", default=None, help="Write a plot of the per-layer channel-trace distributions.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@handled
+def analyze_cmd(model, data_spec, data_dir, out, batch_size, batches, max_probes, tol, seed, scheme, plot, as_json):
+    """Channel-wise Hessian traces and trace-weighted sensitivities (Omega) of MODEL."""
+    from . import api
+
+    sens = api.analyze(model, data_spec, out=out, data_dir=data_dir, batch_size=batch_size, batches=batches,
+                       max_probes=max_probes, tol=tol, seed=seed, scheme=scheme, plot=plot,
+                       progress=not as_json and sys.stderr.isatty())
+    summary = {k: sens[k] for k in ("model", "scheme", "probes", "hvps", "converged", "worst_rel_stderr", "loss",
+                                    "seconds")}
+    summary["layers"] = len(sens["layers"])
+    summary["out"] = out
+    emit(summary, as_json, f"analyzed {len(sens['layers'])} layers of {model} ({sens['scheme']}, "
+                           f"{sens['probes']} probes, {sens['seconds']:.1f} s, worst layer rel. stderr "
+                           f"{sens['worst_rel_stderr']:.3g}) -> {out}")
+
+
 def main():
     cli(prog_name="cwhawq")
 

@@ -48,15 +48,53 @@ from .data import Dataset
 from .errors import CwhawqError, DataError
 from .graph import QModel
 
-SCHEMES = ("network", "layer", "interleave", "channel")
-DEFAULT_SCHEME = "interleave:4"
+SCHEMES = ("exact", "ggn", "network", "layer", "interleave", "channel")
+DEFAULT_SCHEME = "auto"   # exact where the network is piecewise linear, else layer
 MIN_PROBES = 8
+
+
+# ops through which a network stays piecewise linear in every layer's weights and inputs
+_PL_OPS = {
+    "aten.relu.default", "aten.relu_.default", "aten.hardtanh.default", "aten.hardtanh_.default",
+    "aten.leaky_relu.default", "aten.max_pool2d.default", "aten.max_pool2d_with_indices.default",
+    "aten.avg_pool2d.default", "aten.adaptive_avg_pool2d.default", "aten.mean.dim", "aten.add.Tensor",
+    "aten.add_.Tensor", "aten.sub.Tensor", "aten.div.Tensor", "aten.mul.Tensor", "aten.batch_norm.default",
+    "aten._native_batch_norm_legit_no_training.default", "aten.flatten.using_ints", "aten.view.default",
+    "aten.reshape.default", "aten.cat.default", "aten.permute.default", "aten.transpose.int",
+    "aten.contiguous.default", "aten.dropout.default", "aten.pad.default", "aten.constant_pad_nd.default",
+    "aten.clone.default", "aten.squeeze.dim", "aten.unsqueeze.default", "aten.slice.Tensor",
+    "<built-in function getitem>", "aten.alias.default", "aten._assert_tensor_metadata.default",
+}
+
+
+def non_piecewise_linear_ops(qm: QModel) -> list[str]:
+    """Ops of the graph that make it not piecewise linear (or that multiply two activations)."""
+    bad = []
+    for node in qm.gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        t = str(node.target)
+        if t not in _PL_OPS:
+            bad.append(t)
+        elif t in ("aten.mul.Tensor", "aten.div.Tensor"):
+            # a product of two activations is not linear; by a constant (get_attr / scalar) it is
+            if isinstance(node.args[1], torch.fx.Node) and node.args[1].op != "get_attr" and \
+                    isinstance(node.args[0], torch.fx.Node) and node.args[0].op != "get_attr":
+                bad.append(t + " (of two activations)")
+    return sorted(set(bad))
+
+
+def resolve_scheme(s: str, qm: QModel) -> str:
+    """``auto`` -> ``exact`` for piecewise-linear networks, ``layer`` otherwise."""
+    if s == "auto":
+        return "exact" if not non_piecewise_linear_ops(qm) else "layer"
+    return s
 
 
 def parse_scheme(s: str) -> tuple[str, int]:
     name, _, k = s.partition(":")
     if name not in SCHEMES:
-        raise CwhawqError(f"unknown probing scheme {s!r}: use network, layer, interleave:K or channel")
+        raise CwhawqError(f"unknown probing scheme {s!r}: use exact, ggn, network, layer, interleave:K or channel")
     if name == "interleave":
         try:
             kk = int(k or 4)
@@ -111,12 +149,20 @@ class _BatchGraph:
                 return inp + e
             return probe
 
+        outs: dict[str, torch.Tensor] = {}
+        hooks = []
         for name, q in qm.qlayers.items():
             q.act = make(name)
+            hooks.append(q.register_forward_hook(lambda m, i, o, name=name: outs.__setitem__(name, o)))
         try:
             out = qm(x)
         finally:
             qm.reset()
+            for h in hooks:
+                h.remove()
+        self.out = out
+        self.layer_outputs = [outs[n] for n in qm.names]
+        self.layer_modules = [qm.layer(n) for n in qm.names]
         self.loss = F.cross_entropy(out, y)
         if not torch.isfinite(self.loss):
             raise CwhawqError("loss is NaN or inf on the analysis batch")
@@ -125,12 +171,76 @@ class _BatchGraph:
         self.eps = [eps[n] for n in names]
         self.acts = [acts[n] for n in names]
         self.leaves = self.weights + self.eps
-        self.grads = torch.autograd.grad(self.loss, self.leaves, create_graph=True)
+        self._grads = None
+        self._a_half = None
+
+    @property
+    def grads(self):
+        if self._grads is None:
+            self._grads = torch.autograd.grad(self.loss, self.leaves, create_graph=True)
+        return self._grads
 
     def hvp(self, idx: list[int], vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """(H v) restricted to leaves ``idx`` for a probe v supported on those leaves."""
         gv = sum((self.grads[i] * v).sum() for i, v in zip(idx, vs))
         return torch.autograd.grad(gv, [self.leaves[i] for i in idx], retain_graph=True)
+
+    def a_half(self) -> torch.Tensor:
+        """(A/N)^(1/2) per sample [N, C, C]."""
+        if self._a_half is None:
+            with torch.no_grad():
+                p = torch.softmax(self.out.detach().double(), dim=1)
+                a = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+                evals, evecs = torch.linalg.eigh(a)
+                half = evecs * evals.clamp(min=0).sqrt().unsqueeze(1)
+                self._a_half = (half @ evecs.transpose(1, 2) / math.sqrt(p.shape[0])).float()
+        return self._a_half
+
+    def exact(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Exact per-channel traces of the GGN diagonal blocks (weights, activations).
+
+        One backward pass per class k with output gradient column k of (A/N)^(1/2): the activation
+        gradients are per sample (their squares sum to the activation traces) and the per-sample weight
+        gradients come from the layer's output gradient and its unfolded input (the squares of those,
+        summed over samples and classes, are the weight traces).
+        """
+        L = len(self.weights)
+        half = self.a_half()
+        wtr = [np.zeros(w.shape[0]) for w in self.weights]
+        atr = [np.zeros(e.shape[1]) for e in self.eps]
+        for k in range(half.shape[2]):
+            gouts = torch.autograd.grad(self.out, self.eps + self.layer_outputs, grad_outputs=half[:, :, k],
+                                        retain_graph=True)
+            with torch.no_grad():
+                for i in range(L):
+                    atr[i] += _channel_sums(gouts[i] ** 2, "activation")
+                    wtr[i] += _per_sample_weight_sq(self.layer_modules[i], self.acts[i], gouts[L + i])
+        return wtr, atr
+
+    def ggn_probe(self, r: torch.Tensor) -> list[torch.Tensor]:
+        """J^T (A/N)^(1/2) r for an output-space probe r [N, classes]: one backward pass.
+
+        A_n = diag(p_n) - p_n p_n^T is the Hessian of the cross-entropy w.r.t. sample n's logits; the
+        loss is a mean over N samples, hence A/N. E_r[(J^T B r)_c^2] = Tr_c(J^T B B^T J) = Tr_c(GGN).
+        """
+        g = torch.bmm(self.a_half(), r.unsqueeze(2)).squeeze(2)
+        return torch.autograd.grad(self.out, self.leaves, grad_outputs=g, retain_graph=True)
+
+
+def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor) -> np.ndarray:
+    """sum_n ||dL_n/dW_c||^2 per output channel c, from inputs x and output gradients delta."""
+    n = x.shape[0]
+    if not q.is_conv:
+        if x.dim() != 2:
+            raise CwhawqError(f"layer {q.layer_name}: exact traces need a 2-D Linear input")
+        return ((delta.double() ** 2).t() @ (x.double() ** 2).sum(1)).numpy()
+    kh, kw = q.weight.shape[2:]
+    u = F.unfold(x, (kh, kw), dilation=q.dilation, padding=q.padding, stride=q.stride)  # N, Cin*kk, P
+    g = q.groups
+    d = delta.reshape(n, g, delta.shape[1] // g, -1)                                   # N, g, Co/g, P
+    u = u.reshape(n, g, u.shape[1] // g, -1)                                           # N, g, Ci/g*kk, P
+    grads = torch.einsum("ngop,ngip->ngoi", d, u)                                      # per-sample grads
+    return (grads.double() ** 2).sum(dim=(0, 3)).reshape(-1).numpy()
 
 
 def _channel_sums(t: torch.Tensor, kind: str) -> np.ndarray:
@@ -165,6 +275,7 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
     """Per-channel Hutchinson traces of weights and input activations of every quantized layer."""
     if not batches:
         raise DataError("no data to analyze (empty dataset)")
+    scheme = resolve_scheme(scheme, qm)
     name, k = parse_scheme(scheme)
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)
@@ -185,7 +296,13 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
         kk = min(k, len(ordered))
         groups = [ordered[j::kk] for j in range(kk)]
     else:
-        groups = None  # channel
+        groups = None  # channel, ggn
+    if name in ("ggn", "exact"):
+        bad = non_piecewise_linear_ops(qm)
+        if bad:
+            raise CwhawqError(f"scheme {name} needs a piecewise-linear network (there the generalised Gauss-Newton "
+                              f"diagonal blocks equal the Hessian's); this one has {', '.join(bad[:3])}: "
+                              f"use --scheme layer")
     shapes = {}
     for b in blocks:
         leaf = graphs[0].leaves[b.index]
@@ -200,7 +317,18 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
         for p in range(max_probes):
             est = {b.index: np.zeros(shapes[b.index]) for b in blocks}
             for g in graphs:
-                if groups is not None:
+                if name == "exact":
+                    wtr, atr = g.exact()
+                    hvps += g.out.shape[1]
+                    for b in blocks:
+                        est[b.index] += (wtr[b.index] if b.kind == "weight" else atr[b.index - L]) / len(graphs)
+                elif name == "ggn":
+                    r = _rademacher(g.out.shape, gen)
+                    gl = g.ggn_probe(r)
+                    hvps += 1
+                    for b in blocks:
+                        est[b.index] += _channel_sums(gl[b.index] ** 2, b.kind) / len(graphs)
+                elif groups is not None:
                     for grp in groups:
                         idx = [b.index for b in grp]
                         vs = [_rademacher(g.leaves[i].shape, gen) for i in idx]
@@ -229,7 +357,7 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
             worst = max(float(acc_sum[i].stderr) / max(abs(float(acc_sum[i].mean)), 1e-30) for i in acc_sum)
             if progress is not None:
                 progress(probes, worst)
-            if probes >= min_probes and worst < tol:
+            if (probes >= min_probes and worst < tol) or name == "exact":
                 converged = True
                 break
             if time_limit is not None and time.time() - t0 > time_limit:
@@ -300,6 +428,7 @@ def analyze(qm: QModel, data: Dataset, batch_size: int = 128, batches: int = 1, 
     sub = data.subset(n, seed=seed)
     bl = [(torch.from_numpy(sub.x[i:i + batch_size]), torch.from_numpy(sub.y[i:i + batch_size]))
           for i in range(0, n, batch_size)]
+    scheme = resolve_scheme(scheme, qm)
     tr = channel_traces(qm, bl, scheme=scheme, max_probes=max_probes, tol=tol, seed=seed, progress=progress)
     acts = _capture_inputs(qm, bl)
     layers = sensitivities(qm, tr, acts, bit_choices)

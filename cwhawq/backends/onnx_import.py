@@ -495,6 +495,10 @@ class _Lowerer:
             out = nxt.output[0]
         if out_index is None:
             out_index = np.arange(cout, dtype=np.int32)
+        if bias is not None:  # ONNX gives it in the layer's (permuted) channel order
+            b_out = np.empty_like(bias)
+            b_out[out_index] = bias
+            bias = b_out
         # weight groups -> kernel op
         name = meta.get("cwhawq.layer") or node.name or node.output[0]
         plan_w_bits = None

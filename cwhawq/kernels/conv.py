@@ -23,7 +23,7 @@ import numpy as np
 
 from . import packing
 from .gemm import (ISA_CUDA, LinearOp, WeightGroup, _sym, _te_act_fake, _te_act_value, _te_digits, add_func,
-                   emit_core, schedule_prologue_cpu)
+                   emit_core, schedule_gpu_simple, schedule_prologue_cpu)
 
 
 @dataclass(frozen=True)
@@ -118,15 +118,19 @@ def conv_weight_matrix(codes_or_w: np.ndarray, cp: int) -> np.ndarray:
     return t.reshape(n, kh * kw * cp)
 
 
-def reference_conv(op: LinearOp, geom: ConvGeom, x: np.ndarray, residual: np.ndarray | None = None,
-                   weight: np.ndarray | None = None) -> np.ndarray:
-    """What onnxruntime computes (float64 accumulation); ``weight`` [n, C/groups, kh, kw] float."""
+def reference_conv(op: LinearOp, geom: ConvGeom, x: np.ndarray, weight_rows: np.ndarray,
+                   residual: np.ndarray | None = None) -> np.ndarray:
+    """What onnxruntime computes for ``Conv -> Gather(out_index)`` (float64 accumulation).
+
+    ``weight_rows`` is the float weight ``[n, C/groups, kh, kw]`` in row order (the groups of
+    ``op`` concatenated, as the ONNX Conv sees them); row ``p`` goes to channel ``out_index[p]``.
+    """
     xq = x if op.act is None else op.act.fake_quant(x, axis=1)
     xp = np.pad(xq.astype(np.float64), ((0, 0), (0, 0), (geom.pads[0], geom.pads[2]), (geom.pads[1], geom.pads[3])))
     nb = x.shape[0]
     cg = geom.cin // geom.groups
     og = geom.cout // geom.groups
-    y = np.zeros((nb, geom.cout, geom.out_h, geom.out_w), np.float64)
+    rows = np.zeros((nb, geom.cout, geom.out_h, geom.out_w), np.float64)
     for i in range(geom.kh):
         for j in range(geom.kw):
             hs = i * geom.dilation[0]
@@ -134,8 +138,10 @@ def reference_conv(op: LinearOp, geom: ConvGeom, x: np.ndarray, residual: np.nda
             patch = xp[:, :, hs: hs + geom.stride[0] * (geom.out_h - 1) + 1: geom.stride[0],
                        ws: ws + geom.stride[1] * (geom.out_w - 1) + 1: geom.stride[1]]
             for g in range(geom.groups):
-                wg = weight[g * og:(g + 1) * og, :, i, j].astype(np.float64)  # [og, cg]
-                y[:, g * og:(g + 1) * og] += np.einsum("oc,nchw->nohw", wg, patch[:, g * cg:(g + 1) * cg])
+                wg = weight_rows[g * og:(g + 1) * og, :, i, j].astype(np.float64)  # [og, cg]
+                rows[:, g * og:(g + 1) * og] += np.einsum("oc,nchw->nohw", wg, patch[:, g * cg:(g + 1) * cg])
+    y = np.empty_like(rows)
+    y[:, np.concatenate([g.out_index for g in op.groups])] = rows
     if op.bias is not None:
         y += op.bias.reshape(1, -1, 1, 1)
     if residual is not None:
@@ -194,7 +200,7 @@ def conv_prologue_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: i
         outs = [a]
     func = te.create_prim_func(args + outs, index_dtype_override="int64")
     if isa == ISA_CUDA:
-        return func
+        return schedule_gpu_simple(func)
     work = expected_batch * geom.hp * geom.wp * cp
     return schedule_prologue_cpu(func, parallel_rows=work >= 32768)
 
@@ -265,7 +271,7 @@ def depthwise_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: int =
     vin = te.compute((n, c_in, geom.hp, geom.wp), lambda b, c, h, w: tirx.if_then_else(
         inside(h, w), val(b, c, h, w), tirx.const(0, acc_dt)), name="dw_in")
     # weights per original output channel
-    tabs = _depthwise_tables(op)
+    tabs = _depthwise_tables(op, mult)
     if mode == "fp32":
         wf = te.placeholder((op.n_out, taps), "float32", name="W")
         args.append(wf)
@@ -276,7 +282,9 @@ def depthwise_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: int =
         gid = te.placeholder((op.n_out,), "int32", name="gid")
         row = te.placeholder((op.n_out,), "int32", name="row")
         args += [gid, row]
-
+    cin_of = te.placeholder((op.n_out,), "int32", name="cin_of")
+    args.append(cin_of)
+    if mode != "fp32":
         def unpack(o, t):
             val_ = None
             for gi, g in reversed(list(enumerate(op.groups))):
@@ -296,7 +304,7 @@ def depthwise_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: int =
     sh, sw = geom.stride
     dh, dw = geom.dilation
     acc = te.compute((n, op.n_out, geom.out_h, geom.out_w), lambda b, o, h, w: te.sum(
-        wq[o, ri * geom.kw + rj] * vin[b, o // mult, h * sh + ri * dh, w * sw + rj * dw], axis=[ri, rj]),
+        wq[o, ri * geom.kw + rj] * vin[b, cin_of[o], h * sh + ri * dh, w * sw + rj * dw], axis=[ri, rj]),
         name="dw_acc")
     res = None
     if op.residual:
@@ -314,22 +322,28 @@ def depthwise_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: int =
     y = te.compute((n, op.n_out, geom.out_h, geom.out_w), epilogue, name="dw_y")
     func = te.create_prim_func(args + [y], index_dtype_override="int64")
     if isa == ISA_CUDA:
-        return func, tabs
+        return schedule_gpu_simple(func), tabs
     return _schedule_depthwise_cpu(func, expected_batch * op.n_out >= 4), tabs
 
 
-def _depthwise_tables(op: LinearOp) -> dict[str, np.ndarray]:
-    """Per original output channel: weight group, row in the group, scale and bias."""
+def _depthwise_tables(op: LinearOp, mult: int) -> dict[str, np.ndarray]:
+    """Per output channel (in the order stored): weight group, row in the group, scale, bias and
+    input channel. Rows are in the layer's channel order (groups concatenated): row ``p`` reads
+    input channel ``p // mult`` as in ONNX, and its result goes to channel ``out_index``."""
     gid = np.zeros(op.n_out, np.int32)
     row = np.zeros(op.n_out, np.int32)
+    cin = np.zeros(op.n_out, np.int32)
     scale = np.zeros(op.n_out, np.float32)
     s_act = np.float32(op.act.base_scale) if op.mode == "int" else np.float32(1)
+    pos = 0
     for gi, g in enumerate(op.groups):
         gid[g.out_index] = gi
         row[g.out_index] = np.arange(g.n, dtype=np.int32)
+        cin[g.out_index] = (pos + np.arange(g.n)) // mult
         scale[g.out_index] = g.scale * s_act
+        pos += g.n
     bias = np.zeros(op.n_out, np.float32) if op.bias is None else op.bias.astype(np.float32)
-    return {"gid": gid, "row": row, "epi": np.stack([scale, bias]).astype(np.float32)}
+    return {"gid": gid, "row": row, "cin": cin, "epi": np.stack([scale, bias]).astype(np.float32)}
 
 
 def _schedule_depthwise_cpu(func, parallel: bool):
@@ -367,11 +381,16 @@ def emit_depthwise(bb, x, op: LinearOp, geom: ConvGeom, isa: str, expected_batch
         fs, it = op.act.tables()
         args += [relax.const(fs), relax.const(it)]
     if op.mode == "fp32":
-        w = fp32_weight if fp32_weight is not None else op.dense_weight()
+        if fp32_weight is not None:  # rows in the layer's order -> output-channel order
+            w = np.empty_like(fp32_weight, dtype=np.float32)
+            w[op.groups[0].out_index] = fp32_weight
+        else:
+            w = op.dense_weight()
         args.append(relax.const(np.ascontiguousarray(w.astype(np.float32))))
     else:
         args += [relax.const(g.packed.data) for g in op.groups]
         args += [relax.const(tabs["gid"]), relax.const(tabs["row"])]
+    args.append(relax.const(tabs["cin"]))
     args.append(relax.const(tabs["epi"]))
     if op.residual:
         args.append(residual)

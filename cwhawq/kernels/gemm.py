@@ -413,6 +413,27 @@ def schedule_prologue_cpu(func, parallel_rows: bool, vector: int = 16, inline: t
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+def schedule_gpu_simple(func, threads: int = 128):
+    """CUDA schedule for TE PrimFuncs (prologues, depthwise): every block its own kernel with the
+    spatial loops fused over blocks x threads and its reduction (if any) serial in the thread."""
+    import tvm  # noqa: PLC0415
+    from tvm import s_tir  # noqa: PLC0415
+
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        blk = sch.get(b)
+        loops = sch.get_loops(b)
+        n_spatial = sum(1 for iv in blk.iter_vars if iv.iter_type == 0)
+        spatial = loops[:n_spatial]
+        if not spatial:
+            continue
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        bx, tx = sch.split(fused, factors=[None, threads])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
 def dense_prologue_func(op: LinearOp, isa: str, expected_rows: int = 1):
     """TE prologue of a dense layer: x float32 [m, k] -> A (+ rowsum in int mode).
 
@@ -445,7 +466,7 @@ def dense_prologue_func(op: LinearOp, isa: str, expected_rows: int = 1):
         outs = [a]
     func = te.create_prim_func(args + outs, index_dtype_override="int64")
     if isa == ISA_CUDA:
-        return func  # scheduled by the GPU default rules
+        return schedule_gpu_simple(func)
     return schedule_prologue_cpu(func, parallel_rows=expected_rows * kp >= 32768)
 
 

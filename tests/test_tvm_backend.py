@@ -1,0 +1,455 @@
+"""The TVM backend end to end: ONNX (our exported format, fp32, onnxruntime int8 QDQ) -> artifact ->
+run, compared with onnxruntime (graph optimisations off) on the same ONNX; targets, manifest, CLI,
+bad input. The test models are built here with onnx.helper following docs/onnx-format.md."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("tvm")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from cwhawq import quantizers as qz  # noqa: E402
+from cwhawq.errors import CompileError  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+GROUP_ORDER = (8, 6, 4, 3, 2)
+WTYPE = {8: TensorProto.INT8, 6: TensorProto.INT8, 4: TensorProto.INT4, 3: TensorProto.INT4, 2: TensorProto.INT2}
+
+
+# ===================================================================================== builders
+class _Builder:
+    """Builds a model in the exported format (docs/onnx-format.md), layer by layer."""
+
+    def __init__(self, fmt: str = "qdq", seed: int = 0):
+        self.fmt = fmt
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits = [], []
+        self._n = 0
+
+    def _t(self, arr, name, dtype=None, meta=None):
+        if dtype is None:
+            t = numpy_helper.from_array(np.asarray(arr), name)
+        else:
+            t = helper.make_tensor(name, dtype, list(np.shape(arr)), np.asarray(arr).reshape(-1).tolist())
+        for k, v in (meta or {}).items():
+            e = t.metadata_props.add()
+            e.key, e.value = k, v
+        self.inits.append(t)
+        return name
+
+    def node(self, op, ins, outs=None, name=None, **attrs):
+        self._n += 1
+        name = name or f"{op.lower()}_{self._n}"
+        outs = outs or [f"{name}_out"]
+        n = helper.make_node(op, ins, outs, name=name, **attrs)
+        self.nodes.append(n)
+        return n
+
+    def qlayer(self, name, x, kind, w, b, w_bits, a_bits, a_signed, ranges, conv_attrs=None, perm_fold=False):
+        """One quantized layer; returns the output tensor name (original channel order)."""
+        cin_axis_shape = (1, -1, 1, 1) if kind != "linear" else (1, -1)
+        S, k = qz.act_pow2_scales(ranges, a_bits, a_signed)
+        s = (np.float32(S) * np.exp2(k).astype(np.float32)).astype(np.float32)
+        qlo, qhi = qz.act_bounds(s, a_bits, a_signed)
+        lo = self._t((s * qlo).reshape(cin_axis_shape).astype(np.float32), f"{name}.act_lo")
+        hi = self._t((s * qhi).reshape(cin_axis_shape).astype(np.float32), f"{name}.act_hi")
+        sc = self._t(s, f"{name}.act_scale")
+        zp = self._t(np.zeros(len(s), np.int8 if a_signed else np.uint8), f"{name}.act_zp")
+        t = self.node("Max", [x, lo], name=f"{name}/act_max").output[0]
+        t = self.node("Min", [t, hi], name=f"{name}/act_min").output[0]
+        t = self.node("QuantizeLinear", [t, sc, zp], name=f"{name}/act_q", axis=1).output[0]
+        xin = self.node("DequantizeLinear", [t, sc, zp], name=f"{name}/act_dq", axis=1).output[0]
+        w_bits = np.asarray(w_bits)
+        ws = qz.weight_scales(w, w_bits)
+        codes = qz.quantize_weight(w, w_bits, ws)
+        perm = np.concatenate([np.nonzero(w_bits == gb)[0] for gb in GROUP_ORDER])
+        dq_outs = []
+        for gb in GROUP_ORDER:
+            idx = np.nonzero(w_bits == gb)[0]
+            if not len(idx):
+                continue
+            dtype = TensorProto.INT8 if self.fmt == "int8-container" else WTYPE[gb]
+            wn = self._t(codes[idx], f"{name}.weight.w{gb}", dtype,
+                         {"cwhawq.bits": str(gb), "cwhawq.channels": json.dumps(idx.tolist())})
+            sn = self._t(ws[idx], f"{name}.weight.w{gb}.scale")
+            dq_outs.append(self.node("DequantizeLinear", [wn, sn], name=f"{name}/dq_w{gb}", axis=0).output[0])
+        wt = dq_outs[0] if len(dq_outs) == 1 else self.node("Concat", dq_outs, name=f"{name}/concat_w",
+                                                             axis=0).output[0]
+        bn = self._t(b[perm].astype(np.float32), f"{name}.bias")
+        if kind == "linear":
+            core = self.node("Gemm", [xin, wt, bn], name=name, transB=1)
+        else:
+            core = self.node("Conv", [xin, wt, bn], name=name, **(conv_attrs or {}))
+        meta = {"cwhawq.layer": name, "cwhawq.kind": kind, "cwhawq.w_bits": json.dumps(w_bits.tolist()),
+                "cwhawq.perm": json.dumps(perm.tolist()), "cwhawq.a_bits": json.dumps(list(map(int, a_bits))),
+                "cwhawq.a_signed": "true" if a_signed else "false", "cwhawq.a_scale_mode": "pow2",
+                "cwhawq.a_base_scale": repr(float(S)), "cwhawq.a_exponents": json.dumps(k.tolist())}
+        for kk, v in meta.items():
+            e = core.metadata_props.add()
+            e.key, e.value = kk, v
+        out = core.output[0]
+        if not np.array_equal(perm, np.arange(len(perm))) and not perm_fold:
+            inv = np.argsort(perm).astype(np.int64)
+            ind = self._t(inv, f"{name}.inv_perm")
+            out = self.node("Gather", [out, ind], name=f"{name}/unperm", axis=1).output[0]
+        return out
+
+    def model(self, inputs, outputs, opset=25):
+        g = helper.make_graph(self.nodes, "cwhawq_test", inputs, outputs, initializer=self.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="cwhawq-test")
+        m.ir_version = 11
+        for k, v in {"cwhawq.version": "0.1.0", "cwhawq.format": self.fmt, "cwhawq.budget": "4.0",
+                     "cwhawq.plan": json.dumps({"budget": 4.0, "method": "test"})}.items():
+            e = m.metadata_props.add()
+            e.key, e.value = k, v
+        onnx.checker.check_model(m)
+        return m
+
+
+def _bits(rng, n, choices=(8, 4, 2)):
+    b = np.array([choices[i % len(choices)] for i in range(n)])
+    rng.shuffle(b)
+    return b
+
+
+def mixed_cnn(fmt: str = "qdq", batch="N", seed: int = 0, h: int = 9):
+    """conv(3->20, signed acts) -> Relu -> conv(20->20, unsigned acts, Gather) + residual -> Relu
+    -> depthwise(20, stride 2) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(20->10)."""
+    bld = _Builder(fmt, seed)
+    rng = bld.rng
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, h, h])
+    w1 = rng.normal(size=(20, 3, 3, 3)).astype(np.float32) * 0.3
+    t = bld.qlayer("conv1", "x", "conv", w1, rng.normal(size=20).astype(np.float32) * 0.1, _bits(rng, 20),
+                   np.array([8, 4, 8]), True, np.array([2.5, 3.0, 1.0]), {"pads": [1, 1, 1, 1]})
+    r1 = bld.node("Relu", [t], name="relu1").output[0]
+    w2 = rng.normal(size=(20, 20, 3, 3)).astype(np.float32) * 0.1
+    t = bld.qlayer("layer1.conv2", r1, "conv", w2, rng.normal(size=20).astype(np.float32) * 0.1,
+                   _bits(rng, 20), _bits(rng, 20), False, rng.uniform(0.5, 4.0, 20), {"pads": [1, 1, 1, 1]})
+    t = bld.node("Add", [t, r1], name="layer1.add").output[0]
+    r2 = bld.node("Relu", [t], name="layer1.relu").output[0]
+    w3 = rng.normal(size=(20, 1, 3, 3)).astype(np.float32) * 0.3
+    t = bld.qlayer("dw", r2, "depthwise", w3, rng.normal(size=20).astype(np.float32) * 0.1, _bits(rng, 20),
+                   _bits(rng, 20, (8, 4)), False, rng.uniform(0.5, 4.0, 20),
+                   {"pads": [1, 1, 1, 1], "strides": [2, 2], "group": 20})
+    r3 = bld.node("Relu", [t], name="dw.relu").output[0]
+    p = bld.node("GlobalAveragePool", [r3], name="pool").output[0]
+    f = bld.node("Flatten", [p], name="flatten", axis=1).output[0]
+    w4 = rng.normal(size=(10, 20)).astype(np.float32) * 0.3
+    bld.qlayer("fc", f, "linear", w4, rng.normal(size=10).astype(np.float32) * 0.1, _bits(rng, 10, (4, 2)),
+               _bits(rng, 20, (8, 4)), False, rng.uniform(0.2, 2.0, 20))
+    last = bld.nodes[-1].output[0]
+    bld.nodes[-1].output[0] = "y"
+    assert last
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])
+    return bld.model([x], [y])
+
+
+def fp32_cnn(batch="N", seed: int = 1):
+    """A plain fp32 CNN of common operators (Conv, BatchNormalization, Relu, MaxPool, Add, Sigmoid,
+    AveragePool, Gemm, MatMul, Softmax)."""
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def t(arr, name):
+        inits.append(numpy_helper.from_array(np.asarray(arr, np.float32), name))
+        return name
+
+    n = [
+        helper.make_node("Conv", ["x", t(rng.normal(size=(12, 3, 3, 3)) * 0.3, "w1"), t(rng.normal(size=12), "b1")],
+                         ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", t(rng.uniform(0.5, 1.5, 12), "g"), t(rng.normal(size=12), "be"),
+                                                t(rng.normal(size=12) * 0.1, "mu"), t(rng.uniform(0.5, 1.5, 12), "var")],
+                         ["bn"], name="bn1"),
+        helper.make_node("Relu", ["bn"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", t(rng.normal(size=(12, 12, 3, 3)) * 0.1, "w2")], ["c2"], name="conv2",
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "p1"], ["a2"], name="add2"),
+        helper.make_node("Sigmoid", ["a2"], ["s2"], name="sig2"),
+        helper.make_node("AveragePool", ["s2"], ["p2"], name="pool2", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p2"], ["f"], name="flat", axis=1),
+        helper.make_node("Gemm", ["f", t(rng.normal(size=(16, 48)) * 0.2, "w3"), t(rng.normal(size=16), "b3")],
+                         ["g3"], name="fc1", transB=1),
+        helper.make_node("MatMul", ["g3", t(rng.normal(size=(16, 5)) * 0.3, "w4")], ["m4"], name="fc2"),
+        helper.make_node("Softmax", ["m4"], ["y"], name="softmax", axis=-1),
+    ]
+    g = helper.make_graph(n, "fp32", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def ort_run(model_or_path, feeds: dict) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _close(y, ref, rel=2e-3):
+    """Outputs agree up to float rounding (and a rare activation code flipped at a rounding tie)."""
+    scale = float(np.abs(ref).max()) + 1e-6
+    err = np.abs(y - ref)
+    assert float(err.max()) <= rel * scale * 10, f"max abs err {err.max():.3g} vs scale {scale:.3g}"
+    assert float(np.mean(err > rel * scale)) < 0.01, f"{np.mean(err > rel * scale):.2%} elements off"
+
+
+# ===================================================================================== fixtures
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("tvm_backend")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from cwhawq.backends import tvm as btvm
+
+    return btvm
+
+
+# ===================================================================================== tests
+@pytest.mark.parametrize("fmt", ["qdq", "int8-container"])
+def test_mixed_plan_matches_onnxruntime(tmp, backend, fmt):
+    m = mixed_cnn(fmt)
+    path = tmp / f"mixed_{fmt}.onnx"
+    onnx.save(m, str(path))
+    res = backend.compile_model(path, "llvm", tmp / f"mixed_{fmt}.so")
+    lowered = {s["layer"]: s for s in res.report["lowered"]}
+    assert set(lowered) == {"conv1", "layer1.conv2", "dw", "fc"}
+    assert all(s["mode"] == "int" for s in lowered.values())
+    assert lowered["layer1.conv2"]["fused"] == ["add", "relu"]
+    assert lowered["conv1"]["w_bits"] == {"8": 7, "4": 7, "2": 6}
+    assert res.report["fallback_to_tvm_fp32"] == []
+    art = backend.load_artifact(res.artifact)
+    rng = np.random.default_rng(5)
+    for nb in (1, 3):  # the batch stays symbolic
+        x = rng.normal(size=(nb, 3, 9, 9)).astype(np.float32) * 1.5
+        (y,) = art.run({"x": x})
+        (ref,) = ort_run(m, {"x": x})
+        _close(y, ref)
+
+
+def test_packed_size_follows_bits(tmp, backend):
+    """The same network at lower bits gives a smaller artifact (weights stored packed)."""
+    rng = np.random.default_rng(0)
+    sizes = {}
+    for bits in (8, 2):
+        bld = _Builder("qdq", 0)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])
+        w = rng.normal(size=(512, 256)).astype(np.float32)
+        bld.qlayer("fc", "x", "linear", w, np.zeros(512, np.float32), np.full(512, bits), np.full(256, 8),
+                   True, np.full(256, 2.0))
+        bld.nodes[-1].output[0] = "y"
+        m = bld.model([x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])])
+        p = tmp / f"fc{bits}.onnx"
+        onnx.save(m, str(p))
+        res = backend.compile_model(p, "llvm", tmp / f"fc{bits}.so")
+        assert res.report["packed_bytes"] == 512 * 256 * bits // 8
+        sizes[bits] = res.artifact.stat().st_size
+        xin = rng.normal(size=(1, 256)).astype(np.float32)
+        _close(backend.run_artifact(res.artifact, {"x": xin})[0], ort_run(m, {"x": xin})[0])
+    assert sizes[8] - sizes[2] >= 0.9 * 512 * 256 * 6 // 8
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_fp32_model_matches_onnxruntime(tmp, backend, kernels):
+    m = fp32_cnn()
+    p = tmp / "fp32.onnx"
+    onnx.save(m, str(p))
+    res = backend.compile_model(p, "llvm", tmp / f"fp32_{kernels}.so", kernels=kernels)
+    modes = {s["mode"] for s in res.report["lowered"]}
+    assert modes == ({"fp32"} if kernels else set())
+    x = np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    _close(backend.run_artifact(res.artifact, {"x": x})[0], ort_run(m, {"x": x})[0], rel=1e-4)
+
+
+def test_onnxruntime_int8_qdq_model(tmp, backend):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    m = fp32_cnn(batch=1)
+    fp = tmp / "fp32_b1.onnx"
+    onnx.save(m, str(fp))
+    rng = np.random.default_rng(3)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    qp = tmp / "int8_qdq.onnx"
+    quantize_static(str(fp), str(qp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    res = backend.compile_model(qp, "llvm", tmp / "int8_qdq.so")
+    lowered = res.report["lowered"]
+    assert len(lowered) == 4 and all(s["mode"] == "int" for s in lowered)
+    assert all(s["storage_bits"] == [8] or s["storage_bits"][0] <= 8 for s in lowered)
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    _close(backend.run_artifact(res.artifact, {"x": x})[0], ort_run(qp, {"x": x})[0], rel=5e-3)
+
+
+def test_manifest_and_fixed_batch(tmp, backend):
+    m = mixed_cnn("qdq", seed=4)
+    p = tmp / "mixed_b.onnx"
+    onnx.save(m, str(p))
+    sym = backend.compile_model(p, "llvm", tmp / "sym.so")
+    man = json.loads(backend.manifest_path(sym.artifact).read_text())
+    assert man["inputs"] == [{"name": "x", "shape": ["N", 3, 9, 9], "dtype": "float32"}]
+    assert man["outputs"][0]["name"] == "y" and man["outputs"][0]["shape"][1:] == [10]
+    assert isinstance(man["outputs"][0]["shape"][0], str)
+    assert man["tool"]["name"] == "cwhawq" and man["tool"]["version"]
+    assert man["target"]["name"] == "llvm" and man["target"]["isa"] in ("x86_vnni", "generic", "arm_dot")
+    assert man["plan"]["format"] == "qdq" and man["plan"]["plan_budget"] == 4.0
+    assert len(man["sha256"]) == 64 and man["size_bytes"] == sym.artifact.stat().st_size
+    fixed = backend.compile_model(p, "llvm", tmp / "fixed.so", batch=2)
+    fman = json.loads(backend.manifest_path(fixed.artifact).read_text())
+    assert fman["inputs"][0]["shape"] == [2, 3, 9, 9]
+    art = backend.load_artifact(fixed.artifact)
+    from cwhawq.backends.tvm import RunError
+
+    with pytest.raises(RunError):
+        art.run({"x": np.zeros((3, 3, 9, 9), np.float32)})
+    # a modified artifact is refused
+    bad = tmp / "tampered.so"
+    shutil.copy(fixed.artifact, bad)
+    shutil.copy(backend.manifest_path(fixed.artifact), backend.manifest_path(bad))
+    with open(bad, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(RunError):
+        backend.load_artifact(bad)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_are_one_line_errors(tmp, backend):
+    m = mixed_cnn("qdq", seed=6)
+    good = tmp / "good.onnx"
+    onnx.save(m, str(good))
+    data = good.read_bytes()
+    trunc = tmp / "trunc.onnx"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CompileError, match="corrupt or truncated|not a valid ONNX"):
+        backend.compile_model(trunc, "llvm", tmp / "trunc.so")
+    assert not (tmp / "trunc.so").exists()
+    with pytest.raises(CompileError, match="unknown target 'nosuchboard'"):
+        backend.compile_model(good, "nosuchboard", tmp / "x.so")
+    with pytest.raises(CompileError, match="invalid TVM target"):
+        backend.compile_model(good, '{"kind": "nosuchkind"}', tmp / "x.so")
+    # an operator TVM cannot import, named with its node
+    g = helper.make_graph([helper.make_node("Celu", ["x"], ["y"], name="odd_celu")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    bad = tmp / "celu.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(bad))
+    with pytest.raises(CompileError, match=r"unsupported ONNX operator: Celu \(node 'odd_celu'\)"):
+        backend.compile_model(bad, "llvm", tmp / "celu.so")
+    assert not (tmp / "celu.so").exists() and not (tmp / "celu.manifest.json").exists()
+    assert not list(tmp.glob(".cwhawq-*"))
+
+
+def test_missing_cross_compiler(tmp, backend, monkeypatch):
+    from cwhawq.backends import targets
+
+    p = tmp / "cc.onnx"
+    onnx.save(fp32_cnn(batch=1), str(p))
+    real_which = shutil.which
+    monkeypatch.setattr(targets.shutil, "which",
+                        lambda name, *a, **k: None if name == targets.AARCH64_CXX else real_which(name, *a, **k))
+    with pytest.raises(CompileError, match="cross compiler aarch64-linux-gnu-g\\+\\+ not found"):
+        backend.compile_model(p, "aarch64", tmp / "cc.so")
+    assert not (tmp / "cc.so").exists()
+
+
+def test_targets_resolve():
+    from cwhawq.backends.targets import resolve_target
+
+    assert resolve_target("llvm").kind == "llvm"
+    t = resolve_target("jetson-orin")
+    assert t.config["arch"] == "sm_87" and t.config["host"]["mtriple"].startswith("aarch64")
+    assert resolve_target("cuda", arch="sm_90").config["arch"] == "sm_90"
+    assert resolve_target("raspberry-pi-4").config["mcpu"] == "cortex-a72"
+    assert resolve_target('{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}').is_cross or os.uname().machine == "aarch64"
+    with pytest.raises(CompileError):
+        resolve_target("cuda", arch="80")
+    with pytest.raises(CompileError):
+        resolve_target("llvm", arch="sm_80")
+
+
+# ------------------------------------------------------------------------------------ other targets
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="aarch64 cross compiler not installed")
+def test_aarch64_cross_compile(tmp, backend):
+    m = mixed_cnn("qdq", seed=7)
+    p = tmp / "arm.onnx"
+    onnx.save(m, str(p))
+    for tgt in ("aarch64", "aarch64-dotprod"):
+        res = backend.compile_model(p, tgt, tmp / f"{tgt}.so")
+        head = res.artifact.read_bytes()[:20]
+        assert head[:4] == b"\x7fELF" and head[18] == 183  # EM_AARCH64
+        assert res.manifest["target"]["isa"] == ("arm_dot" if tgt.endswith("dotprod") else "generic")
+        out = subprocess.run(["file", str(res.artifact)], capture_output=True, text=True).stdout \
+            if shutil.which("file") else "ARM aarch64"
+        assert "aarch64" in out or "ARM" in out
+    tar = backend.compile_model(p, "raspberry-pi-4", tmp / "rpi.tar")
+    import tarfile
+
+    with tarfile.open(tar.artifact) as tf:
+        assert any(n.endswith(".o") for n in tf.getnames())
+
+
+def test_cuda_export_without_gpu(tmp, backend):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    m = mixed_cnn("qdq", seed=8)
+    p = tmp / "gpu.onnx"
+    onnx.save(m, str(p))
+    res = backend.compile_model(p, "cuda", tmp / "gpu.so", arch="sm_80")
+    blob = res.artifact.read_bytes()
+    assert b"__global__" not in blob  # a GPU binary, not CUDA source
+    assert b"sm_80" in blob
+    assert res.manifest["target"]["device"] == "cuda"
+    from cwhawq.backends.targets import has_cuda_driver
+
+    if has_cuda_driver():
+        import tvm
+
+        if tvm.cuda(0).exist:
+            x = np.random.default_rng(9).normal(size=(2, 3, 9, 9)).astype(np.float32)
+            _close(backend.run_artifact(res.artifact, {"x": x})[0], ort_run(m, {"x": x})[0])
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_compile_and_run(tmp):
+    m = mixed_cnn("qdq", seed=10)
+    p = tmp / "cli.onnx"
+    onnx.save(m, str(p))
+    env = dict(os.environ)
+    exe = [sys.executable, "-m", "cwhawq.cli"]
+    r = subprocess.run(exe + ["compile", str(p), "--target", "llvm", "--out", str(tmp / "cli.so")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "layer1.conv2" in r.stdout and "packed" in r.stdout
+    x = np.random.default_rng(11).normal(size=(2, 3, 9, 9)).astype(np.float32)
+    np.save(tmp / "x.npy", x)
+    r = subprocess.run(exe + ["run", str(tmp / "cli.so"), "--input", str(tmp / "x.npy"), "--out",
+                              str(tmp / "y.npy")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    _close(np.load(tmp / "y.npy"), ort_run(m, {"x": x})[0])
+    r = subprocess.run(exe + ["compile", str(p), "--target", "nosuch", "--out", str(tmp / "no.so")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "unknown target" in r.stderr
+    assert not (tmp / "no.so").exists()
