@@ -30,23 +30,40 @@ def evaluate(model: str, data: str = "fashion-mnist", split: str = "test", data_
     if plan is None:
         rep["accuracy"] = accuracy(loaded.module, ds, batch_size)
         return rep
+    qm, p, sim = simulate_plan(loaded, plan, data, data_dir, calib_batches, act_scale, finetune_epochs)
+    if finetune_epochs:
+        rep["finetune_epochs"] = finetune_epochs
+    rep["accuracy"] = accuracy(sim.module, ds, batch_size)
+    rep["plan"] = str(plan) if not hasattr(plan, "layers") else "<plan>"
+    rep.update({k: v for k, v in p.compute_metrics(qm.layer_infos).items() if k in ("avg_w_bits", "avg_a_bits", "size_ratio")})
+    return rep
+
+
+def calibration_set(data="fashion-mnist", data_dir: str | None = None, calib_batches: int = 4) -> "D.Dataset":
+    """The samples that calibrate activation ranges whenever a plan is simulated (eval --plan, export):
+    ``calib_batches`` x 128 samples of the train split (seeded subset, seed 1). A Dataset is used as is."""
+    if isinstance(data, D.Dataset):
+        return data
+    return D.load(data, "train", data_dir).subset(calib_batches * 128, seed=1)
+
+
+def simulate_plan(loaded, plan, data="fashion-mnist", data_dir: str | None = None, calib_batches: int = 4,
+                  act_scale: str = "pow2", finetune_epochs: int = 0):
+    """(QModel, Plan, QuantizedModel): ``plan`` (path or Plan) validated against a LoadedModel and
+    simulated with the shared calibration (:func:`calibration_set`), optionally fine-tuned (QAT)."""
     from .graph import qmodel_from_loaded
     from .plan import load_plan
-    from .quantize import quantize_model, finetune
+    from .quantize import finetune, quantize_model
 
     qm = qmodel_from_loaded(loaded)
     p = load_plan(plan) if not hasattr(plan, "layers") else plan
     p.validate(qm.layer_infos)
-    calib = D.load(data, "train", data_dir).subset(calib_batches * 128, seed=1)
-    sim = quantize_model(qm, p, calib, act_scale=act_scale)
+    sim = quantize_model(qm, p, calibration_set(data, data_dir, calib_batches), act_scale=act_scale)
     if finetune_epochs:
-        train = D.load(data, "train", data_dir)
-        finetune(sim, train, epochs=finetune_epochs)
-        rep["finetune_epochs"] = finetune_epochs
-    rep["accuracy"] = accuracy(sim.module, ds, batch_size)
-    rep["plan"] = str(plan) if not hasattr(plan, "layers") else "<plan>"
-    rep.update({k: v for k, v in p.metrics(qm.layer_infos).items() if k in ("avg_w_bits", "avg_a_bits", "size_ratio")})
-    return rep
+        if isinstance(data, D.Dataset):
+            raise ModelError("fine-tuning needs a dataset spec (its train split), not a Dataset object")
+        finetune(sim, D.load(data, "train", data_dir), epochs=finetune_epochs)
+    return qm, p, sim
 
 
 def analyze(model: str, data: str = "fashion-mnist", out: str | None = None, data_dir: str | None = None,
@@ -85,3 +102,54 @@ def analyze(model: str, data: str = "fashion-mnist", out: str | None = None, dat
     if plot:
         plot_sensitivity(sens, plot)
     return sens
+
+
+def parse_bits(s) -> tuple[int, ...]:
+    from .errors import PlanError
+    from .quantizers import BIT_CHOICES
+
+    if isinstance(s, (tuple, list)):
+        vals = list(s)
+    else:
+        try:
+            vals = [int(v) for v in str(s).split(",") if v.strip()]
+        except ValueError:
+            raise PlanError(f"bit set {s!r} does not parse: use e.g. 2,4,8") from None
+    if not vals or any(v not in BIT_CHOICES for v in vals):
+        raise PlanError(f"bit set {s!r}: bit-widths must come from {list(BIT_CHOICES)}")
+    return tuple(sorted(set(vals)))
+
+
+def make_plan(method: str, model: str, sens=None, budget: str | None = None, bits="2,4,8", w_bits: int = 8,
+              a_bits="8", out: str | None = None) -> "Plan":
+    """A baseline plan (uniform, hawq-v3, cw-greedy) for a model under a budget."""
+    from . import baselines as B
+    from .errors import PlanError
+    from .graph import qmodel_from_loaded
+    from .hessian import load_sensitivity
+    from .models import load_model
+    from .plan import parse_budget
+
+    if method not in B.METHODS:
+        raise PlanError(f"unknown plan method {method!r}: use one of {', '.join(B.METHODS)}")
+    bit_set = parse_bits(bits)
+    bud = parse_budget(budget) if budget else None
+    a = "mixed" if str(a_bits) == "mixed" else int(a_bits)
+    loaded = load_model(model)
+    infos = qmodel_from_loaded(loaded).layer_infos
+    if method == "uniform":
+        if a == "mixed":
+            raise PlanError("uniform plans take one activation bit-width (--a-bits N)")
+        plan = B.uniform(infos, int(w_bits), a, bud, bit_set)
+    else:
+        if bud is None:
+            raise PlanError(f"{method} needs --budget")
+        if sens is None:
+            raise PlanError(f"{method} needs --sens (from cwhawq analyze)")
+        s = load_sensitivity(sens) if not isinstance(sens, dict) else sens
+        fn = B.hawq_v3 if method == "hawq-v3" else B.cw_greedy
+        plan = fn(infos, s, bud, bit_set, a)
+    plan.model = model
+    if out:
+        plan.save(out)
+    return plan

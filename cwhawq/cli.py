@@ -168,6 +168,58 @@ def analyze_cmd(model, data_spec, data_dir, out, batch_size, batches, max_probes
                            f"{sens['worst_rel_stderr']:.3g}) -> {out}")
 
 
+@cli.group("plan")
+def plan_group():
+    """Make bit plans: baselines on a budget (uniform, hawq-v3, cw-greedy)."""
+
+
+def _plan_options(fn):
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the plan's metrics as JSON.")(fn)
+    fn = click.option("--out", required=True, help="Plan JSON to write (docs/plans.md).")(fn)
+    fn = click.option("--a-bits", default="8", show_default=True,
+                      help="Activation bits: N for all channels, or 'mixed' (chosen with the weights).")(fn)
+    fn = click.option("--bits", default="2,4,8", show_default=True, help="Bit set.")(fn)
+    fn = click.option("--budget", default=None, help="size:R, bits:B or bops:R.")(fn)
+    return fn
+
+
+def _report_plan(plan, out, as_json):
+    m = plan.metrics
+    emit({"method": plan.method, "out": out, **m}, as_json,
+         f"{plan.method}: avg weight bits {m['avg_w_bits']:.3f}, avg act bits {m['avg_a_bits']:.3f}, size "
+         f"{m['weight_bytes'] / 1024:.1f} KiB ({m['size_ratio']:.4f} of fp32), BOPs ratio {m['bops_ratio']:.5f}"
+         + ("" if m.get("meets_budget", True) else "  [does NOT meet the budget]") + f" -> {out}")
+
+
+for _method in ("hawq-v3", "cw-greedy"):
+    def _make(method):
+        @plan_group.command(method, help=f"{method} plan for MODEL under --budget, from --sens.")
+        @click.argument("model")
+        @click.option("--sens", required=True, help="Sensitivity JSON from cwhawq analyze.")
+        @_plan_options
+        @handled
+        def cmd(model, sens, budget, bits, a_bits, out, as_json):
+            from . import api
+
+            plan = api.make_plan(method, model, sens=sens, budget=budget, bits=bits, a_bits=a_bits, out=out)
+            _report_plan(plan, out, as_json)
+        return cmd
+    _make(_method)
+
+
+@plan_group.command("uniform")
+@click.argument("model")
+@click.option("--w-bits", default=8, show_default=True, type=int)
+@_plan_options
+@handled
+def plan_uniform(model, w_bits, budget, bits, a_bits, out, as_json):
+    """Every channel at --w-bits / --a-bits (reports whether --budget is met)."""
+    from . import api
+
+    plan = api.make_plan("uniform", model, budget=budget, bits=bits, w_bits=w_bits, a_bits=a_bits, out=out)
+    _report_plan(plan, out, as_json)
+
+
 def main():
     cli(prog_name="cwhawq")
 

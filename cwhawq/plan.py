@@ -83,7 +83,7 @@ class Plan:
                 raise PlanError(f"layers[{i.name}].a_bits has {len(lp.a_bits)} channels, the layer has "
                                 f"{i.in_channels} input channels")
 
-    def metrics(self, infos) -> dict:
+    def compute_metrics(self, infos) -> dict:
         return plan_metrics(self, infos)
 
 
