@@ -220,6 +220,135 @@ def plan_uniform(model, w_bits, budget, bits, a_bits, out, as_json):
     _report_plan(plan, out, as_json)
 
 
+@plan_group.command("from-onnx")
+@click.argument("onnx_path", metavar="MODEL.onnx")
+@click.option("--out", required=True, help="Plan JSON to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@handled
+def plan_from_onnx_cmd(onnx_path, out, as_json):
+    """Rebuild the bit plan of an exported ONNX file from its annotations (docs/export.md)."""
+    from .onnx_plan import plan_from_onnx
+
+    plan = plan_from_onnx(onnx_path)
+    plan.save(out)
+    n = sum(len(lp.w_bits) for lp in plan.layers)
+    emit(plan.to_dict(), as_json, f"plan of {len(plan.layers)} layers ({n} weight channels, method "
+                                  f"{plan.method}, budget {plan.budget}) from {onnx_path} -> {out}")
+
+
+@cli.command("export")
+@click.argument("model")
+@click.option("--plan", "plan_path", required=True, help="Bit plan (JSON) to export.")
+@click.option("--out", required=True, help="ONNX file to write (e.g. model.q.onnx).")
+@click.option("--format", "fmt", default="qdq", show_default=True, type=click.Choice(["qdq", "int8-container"]),
+              help="qdq: INT8/INT4/INT2 weight groups; int8-container: every group INT8 (opset 17+).")
+@click.option("--opset", default=None, type=int, help="ONNX opset (default: the lowest the plan's bits need).")
+@data_option
+@data_dir_option
+@click.option("--calib-batches", default=4, show_default=True, type=click.IntRange(1),
+              help="Batches of the train split calibrating activation ranges (as eval --plan).")
+@click.option("--act-scale", default="pow2", show_default=True, type=click.Choice(["pow2", "free"]))
+@click.option("--finetune-epochs", default=0, show_default=True, type=click.IntRange(0),
+              help="Quantization-aware fine-tuning epochs before export (as eval --plan).")
+@click.option("--sens", default=None, help="Sensitivity JSON (cwhawq analyze) summarised in the annotations.")
+@click.option("--verify", default=64, show_default=True, type=click.IntRange(0),
+              help="Calibration samples run through onnxruntime and compared with the simulation (0: skip).")
+@click.option("--eval", "eval_split", default=None, type=click.Choice(["train", "val", "test", "all"]),
+              help="Also measure simulated and onnxruntime accuracy on this split (recorded in the file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handled
+def export_cmd(model, plan_path, out, fmt, opset, data_spec, data_dir, calib_batches, act_scale, finetune_epochs,
+               sens, verify, eval_split, as_json):
+    """Export MODEL (zoo:NAME or .pt2) under a bit plan to ONNX (QDQ, per-channel mixed precision)."""
+    from .export import export_onnx, summary_text
+
+    rep = export_onnx(model, plan_path, out, data=data_spec, fmt=fmt, opset=opset, data_dir=data_dir,
+                      calib_batches=calib_batches, act_scale=act_scale, finetune_epochs=finetune_epochs,
+                      sens=sens, verify=verify, eval_split=eval_split)
+    emit(rep, as_json, summary_text(rep))
+
+
+@cli.command("demo")
+@click.option("--out", "out_dir", default="demo_out", show_default=True, help="Directory for the report and files.")
+@click.option("--model", default="zoo:resnet20-fmnist", show_default=True)
+@data_option
+@data_dir_option
+@click.option("--budget", default="bits:3", show_default=True, help="Budget of the searched and baseline plans.")
+@click.option("--episodes", default=120, show_default=True, type=click.IntRange(1), help="DDPG episodes.")
+@click.option("--quick", is_flag=True, help="A short run (about 3 minutes): fewer episodes, 2000 test images.")
+@click.option("--no-compile", is_flag=True, help="Skip TVM compilation and latency.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@handled
+def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_compile, seed):
+    """The whole pipeline: analyze, search, export, compile, bench, and a report in --out."""
+    from .demo import DemoConfig, run_demo
+
+    res = run_demo(DemoConfig(out=out_dir, model=model, data=data_spec, data_dir=data_dir, budget=budget,
+                              episodes=episodes, quick=quick, seed=seed, compile=not no_compile), echo=click.echo)
+    click.echo(f"report written to {res['report']}")
+
+
+@cli.command("search")
+@click.argument("model")
+@data_option
+@data_dir_option
+@click.option("--sens", required=True, help="Sensitivity JSON from cwhawq analyze.")
+@click.option("--budget", required=True, help="size:R, bits:B or bops:R (latency:R needs a latency table).")
+@click.option("--episodes", default=300, show_default=True, type=click.IntRange(1))
+@click.option("--out", required=True, help="Plan JSON to write; the log (.jsonl) and checkpoint (.ckpt) go beside it.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint of an interrupted search.")
+@click.option("--bits", default="2,4,8", show_default=True, help="Weight bit set.")
+@click.option("--a-bits", default="8", show_default=True,
+              help="Activation bits: N for all channels, 'mixed' (the bit set) or a list such as 4,8.")
+@click.option("--log", default=None, help="JSONL log, one line per episode (default: OUT with .jsonl).")
+@click.option("--checkpoint", default=None, help="Checkpoint file (default: OUT with .ckpt).")
+@click.option("--checkpoint-every", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--val-samples", default=1000, show_default=True, type=click.IntRange(1),
+              help="Fixed subset of the val split the reward is measured on.")
+@click.option("--reward", default="acc", show_default=True, type=click.Choice(["acc", "loss"]))
+@click.option("--finetune-steps", default=0, show_default=True, type=click.IntRange(0),
+              help="Very short QAT fine-tune (SGD steps) before each evaluation.")
+@click.option("--enforce", default="omega", show_default=True, type=click.Choice(["omega", "layers"]),
+              help="Order in which over-budget plans are lowered (docs/search.md).")
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(0), help="Random-action episodes.")
+@click.option("--hidden", default=300, show_default=True, type=click.IntRange(1))
+@click.option("--lr-actor", default=1e-4, show_default=True, type=float)
+@click.option("--lr-critic", default=1e-3, show_default=True, type=float)
+@click.option("--tau", default=0.01, show_default=True, type=float, help="Soft target update rate.")
+@click.option("--discount", default=1.0, show_default=True, type=float)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--buffer-size", default=20000, show_default=True, type=click.IntRange(1))
+@click.option("--sigma", default=0.5, show_default=True, type=float, help="Initial exploration noise.")
+@click.option("--sigma-decay", default=0.99, show_default=True, type=float)
+@click.option("--baseline-alpha", default=0.1, show_default=True, type=float)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@handled
+def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, resume, bits, a_bits, log, checkpoint,
+               checkpoint_every, val_samples, reward, finetune_steps, enforce, warmup, hidden, lr_actor, lr_critic, tau,
+               discount, batch_size, buffer_size, sigma, sigma_decay, baseline_alpha, as_json):
+    """DDPG search of a channel-wise mixed-precision plan for MODEL under --budget (docs/search.md)."""
+    from . import api
+
+    plan = api.search(model, data_spec, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed,
+                      resume=resume, bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
+                      checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
+                      finetune_steps=finetune_steps, enforce=enforce, progress=not as_json and sys.stderr.isatty(),
+                      warmup=warmup,
+                      hidden=hidden, lr_actor=lr_actor, lr_critic=lr_critic, tau=tau, discount=discount,
+                      batch_size=batch_size, buffer_size=buffer_size, sigma=sigma, sigma_decay=sigma_decay,
+                      baseline_alpha=baseline_alpha)
+    s, m = plan.meta["search"], plan.metrics
+    summary = {"out": out, "episodes": s["episodes"], "best_episode": s["best_episode"],
+               "val_accuracy": s["val_accuracy"], "fp32_val_accuracy": s["fp32_val_accuracy"],
+               "best_reward": s["best_reward"], "seconds": s["seconds"], "budget": s["budget"],
+               **{k: m[k] for k in ("size_ratio", "avg_w_bits", "avg_a_bits", "bops_ratio")}}
+    emit(summary, as_json, f"ddpg: best of {s['episodes']} episodes (episode {s['best_episode']}): val accuracy "
+                           f"{s['val_accuracy'] * 100:.2f}% (fp32 {s['fp32_val_accuracy'] * 100:.2f}%), avg weight "
+                           f"bits {m['avg_w_bits']:.3f}, avg act bits {m['avg_a_bits']:.3f}, size ratio "
+                           f"{m['size_ratio']:.4f}, BOPs ratio {m['bops_ratio']:.5f} [{s['budget']}] -> {out}")
+
+
 def main():
     cli(prog_name="cwhawq")
 

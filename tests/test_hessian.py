@@ -121,3 +121,39 @@ def test_non_piecewise_linear_refuses_exact():
     # Hutchinson still works there
     r = channel_traces(qm, [(torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]))], scheme="layer", max_probes=20)
     assert r.probes == 20 or r.converged
+
+
+def test_bad_inputs_give_clear_errors(tiny_q):
+    import torch.nn as nn
+    from cwhawq.errors import ModelError
+    from cwhawq.data import Dataset
+
+    class NoLayers(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :3]
+    with pytest.raises(ModelError, match="no Conv2d or Linear"):
+        canonicalize(NoLayers(), (1, 2, 2))
+    qm, x, y = tiny_q
+    with pytest.raises(CwhawqError, match="empty"):
+        analyze(qm, Dataset(np.zeros((0, 2, 5, 5), np.float32), np.zeros(0, np.int64), "e", "train"))
+    with pytest.raises(CwhawqError, match="NaN"):
+        channel_traces(qm, [(torch.full_like(x, float("nan")), y)], scheme="exact")
+
+
+def test_analyze_output_format(tiny_q):
+    from cwhawq.data import Dataset
+
+    qm, x, y = tiny_q
+    ds = Dataset(np.random.default_rng(0).standard_normal((40, 2, 5, 5)).astype(np.float32),
+                 np.random.default_rng(1).integers(0, 4, 40), "d", "train")
+    s = analyze(qm, ds, batch_size=16, batches=2)
+    assert s["batches"] == 2 and s["samples"] == 32 and s["scheme"] == "exact"
+    for rec, info in zip(s["layers"], qm.layer_infos):
+        assert rec["name"] == info.name and rec["kind"] == info.kind
+        assert len(rec["weight"]["trace"]) == info.out_channels == len(rec["weight"]["stderr"])
+        assert len(rec["activation"]["trace"]) == info.in_channels
+        for side in ("weight", "activation"):
+            om = rec[side]["omega"]
+            assert set(om) == {"2", "3", "4", "6", "8"}
+            # more bits, less error
+            assert np.all(np.asarray(om["2"]) >= np.asarray(om["8"]) - 1e-12)
