@@ -153,3 +153,48 @@ def make_plan(method: str, model: str, sens=None, budget: str | None = None, bit
     if out:
         plan.save(out)
     return plan
+
+
+def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "size:0.125", episodes: int = 300,
+           out: str | None = None, seed: int = 0, resume: bool = False, bits="2,4,8", a_bits="8",
+           data_dir: str | None = None, log: str | None = None, checkpoint: str | None = None,
+           checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
+           calib_batches: int = 4, act_scale: str = "pow2", progress: bool = False, **options) -> "Plan":
+    """DDPG search (``cwhawq search``): the best plan found under ``budget``, written to ``out``.
+
+    ``options``: agent hyperparameters (warmup, hidden, lr_actor, lr_critic, tau, discount, batch_size,
+    buffer_size, sigma, sigma_decay, sigma_min, baseline_alpha, updates_per_step), ``latency`` (a latency
+    cost model) and ``on_episode`` (callback per episode record). See docs/search.md.
+    """
+    from .search import search as _search
+
+    return _search(model, data, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed, resume=resume,
+                   bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
+                   checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
+                   finetune_steps=finetune_steps, calib_batches=calib_batches, act_scale=act_scale,
+                   progress=progress, **options)
+
+
+def bench(artifact: str, device: str | None = None, rpc: str | None = None, key: str | None = None,
+          warmup: int = 5, repeat: int = 20, number: int = 0, batch: int = 1, timeout: float = 60.0,
+          log=None) -> dict:
+    """Time a compiled artifact (an .onnx file: onnxruntime) here or on a board behind an RPC tracker
+    (``rpc="HOST:PORT"``, ``key``): median, p90, min, stddev (seconds) and the input shapes."""
+    from .bench import bench as _bench, parse_rpc
+
+    return _bench(artifact, device, parse_rpc(rpc, key), warmup=warmup, repeat=repeat, number=number, batch=batch,
+                  timeout=timeout, log=log)
+
+
+def latency_table(model: str, target: str = "llvm", out: str | None = None, rpc: str | None = None,
+                  key: str | None = None, batch: int = 1, grid: int = 2, data="fashion-mnist",
+                  data_dir: str | None = None, cache_dir: str | None = None, checks=(), repeat: int = 10,
+                  timeout: float = 60.0, boards: int | None = None, log=None):
+    """Per-layer latency table of a model for a target (a :class:`cwhawq.latency.LatencyTable`, the
+    cost model of ``latency:R`` budgets), measured here or on the boards behind an RPC tracker."""
+    from .bench import parse_rpc
+    from .latency import build_table
+
+    return build_table(model, target, out, batch=batch, remote=parse_rpc(rpc, key), grid=grid, data=data,
+                       data_dir=data_dir, cache_dir=cache_dir, checks=checks, repeat=repeat, timeout=timeout,
+                       max_boards=boards, log=log)

@@ -319,8 +319,8 @@ def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_co
 @click.option("--discount", default=1.0, show_default=True, type=float)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--buffer-size", default=20000, show_default=True, type=click.IntRange(1))
-@click.option("--sigma", default=0.5, show_default=True, type=float, help="Initial exploration noise.")
-@click.option("--sigma-decay", default=0.99, show_default=True, type=float)
+@click.option("--sigma", default=0.3, show_default=True, type=float, help="Initial exploration noise.")
+@click.option("--sigma-decay", default=0.985, show_default=True, type=float)
 @click.option("--baseline-alpha", default=0.1, show_default=True, type=float)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handled
@@ -347,6 +347,76 @@ def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, re
                            f"{s['val_accuracy'] * 100:.2f}% (fp32 {s['fp32_val_accuracy'] * 100:.2f}%), avg weight "
                            f"bits {m['avg_w_bits']:.3f}, avg act bits {m['avg_a_bits']:.3f}, size ratio "
                            f"{m['size_ratio']:.4f}, BOPs ratio {m['bops_ratio']:.5f} [{s['budget']}] -> {out}")
+
+
+_rpc_options = [
+    click.option("--rpc", default=None, metavar="HOST:PORT",
+                 help="Measure on boards behind this TVM RPC tracker (python -m tvm.exec.rpc_tracker)."),
+    click.option("--key", default=None, help="Device key the boards registered with (rpc_server --key)."),
+    click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+                 help="Seconds allowed for each remote step before the board counts as dead."),
+]
+
+
+def _with(options):
+    def deco(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+@cli.command("bench")
+@click.argument("artifact")
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
+              help="Device to run on (default: the artifact's).")
+@_with(_rpc_options)
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0), help="Warm-up calls.")
+@click.option("--repeat", default=20, show_default=True, type=click.IntRange(1), help="Measurements.")
+@click.option("--number", default=0, show_default=True, type=click.IntRange(0),
+              help="Calls averaged per measurement (0: enough for 50 ms).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1),
+              help="Batch size for a symbolic batch dimension.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@handled
+def bench_cmd(artifact, device, rpc, key, timeout, warmup, repeat, number, batch, as_json):
+    """Time ARTIFACT (compiled .so/.tar + manifest; an .onnx runs in onnxruntime) here or on a board."""
+    from . import api
+    from .bench import bench_text
+
+    rep = api.bench(artifact, device=device, rpc=rpc, key=key, warmup=warmup, repeat=repeat, number=number,
+                    batch=batch, timeout=timeout, log=lambda m: click.echo(m, err=True) if not as_json else None)
+    emit(rep, as_json, bench_text(rep))
+
+
+@cli.command("latency-table")
+@click.argument("model")
+@click.option("--target", default="llvm", show_default=True, help="Compilation target (as cwhawq compile).")
+@_with(_rpc_options)
+@click.option("--boards", default=None, type=click.IntRange(1), help="Use at most N boards (default: all free).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--grid", default=2, show_default=True, type=click.IntRange(1, 8),
+              help="Weight-mix grid: ratios of 8/4/2-bit channels in steps of 1/N.")
+@data_option
+@data_dir_option
+@click.option("--cache", "cache_dir", default=None,
+              help="Measurement cache directory (default $CWHAWQ_CACHE or ~/.cache/cwhawq/latency).")
+@click.option("--check", "checks", multiple=True,
+              help="Plan file (or uniform:W) to compile whole and compare with the prediction; repeatable.")
+@click.option("--repeat", default=10, show_default=True, type=click.IntRange(1), help="Measurements per cell.")
+@click.option("--out", required=True, help="Latency table JSON to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@handled
+def latency_table_cmd(model, target, rpc, key, timeout, boards, batch, grid, data_spec, data_dir, cache_dir, checks,
+                      repeat, out, as_json):
+    """Per-layer latency table of MODEL for a target: the cost model of latency:R budgets."""
+    from . import api
+    from .latency import table_text
+
+    table = api.latency_table(model, target, out, rpc=rpc, key=key, batch=batch, grid=grid, data=data_spec,
+                              data_dir=data_dir, cache_dir=cache_dir, checks=checks, repeat=repeat, timeout=timeout,
+                              boards=boards, log=lambda m: click.echo(m, err=True))
+    emit(dict(table.summary(), out=out), as_json, table_text(table) + f"\n-> {out}")
 
 
 def main():

@@ -169,22 +169,27 @@ def test_dense_fp32_and_fused_epilogue():
 
 
 CONV_CASES = [
-    # cin, cout, h, w, k, stride, pads, dilation, groups, bits, act, batch
-    (16, 16, 10, 10, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [8, 4, 2], "int2d", "n"),
-    (5, 7, 9, 8, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1, [4, 2], "int1", 1),
-    (5, 7, 9, 8, 3, (2, 1), (0, 1, 1, 0), (1, 2), 1, [4], "u8zp", 3),
-    (3, 20, 8, 8, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, [2], "free", "n"),
-    (3, 20, 8, 8, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [8], None, 2),
-    (8, 8, 9, 9, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, [8, 4, 2], "int2d", "n"),
-    (8, 16, 9, 9, 3, (2, 2), (1, 1, 1, 1), (1, 1), 8, [4, 2], "free", 2),
+    # cin, cout, h, w, k, stride, pads, dilation, groups, bits, act, batch, layouts (in, out[, residual])
+    (16, 16, 10, 10, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [8, 4, 2], "int2d", "n", ("NCHW", "NCHW")),
+    (16, 16, 10, 10, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [8, 4, 2], "int2d", 2, ("NHWC", "NHWC")),
+    (5, 7, 9, 8, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1, [4, 2], "int1", 1, ("NCHW", "NHWC", "NCHW")),
+    (5, 7, 9, 8, 3, (2, 1), (0, 1, 1, 0), (1, 2), 1, [4], "u8zp", 3, ("NHWC", "NCHW")),
+    (3, 20, 8, 8, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, [2], "free", "n", ("NCHW", "NCHW")),
+    (3, 20, 8, 8, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [8], None, 2, ("NCHW", "NHWC", "NCHW")),
+    (8, 8, 9, 9, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, [8, 4, 2], "int2d", "n", ("NHWC", "NHWC")),
+    (8, 16, 9, 9, 3, (2, 2), (1, 1, 1, 1), (1, 1), 8, [4, 2], "free", 2, ("NCHW", "NCHW", "NHWC")),
 ]
+
+
+def _to(layout, a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if layout == "NHWC" else a
 
 
 @pytest.mark.tvm
 @pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("cin,cout,h,w,k,stride,pads,dil,groups,bits,act,batch", CONV_CASES)
-def test_conv_kernels(isa, cin, cout, h, w, k, stride, pads, dil, groups, bits, act, batch):
-    geom = kconv.ConvGeom(cin, cout, h, w, k, k, stride, pads, dil, groups)
+@pytest.mark.parametrize("cin,cout,h,w,k,stride,pads,dil,groups,bits,act,batch,layouts", CONV_CASES)
+def test_conv_kernels(isa, cin, cout, h, w, k, stride, pads, dil, groups, bits, act, batch, layouts):
+    geom = kconv.ConvGeom(cin, cout, h, w, k, k, stride, pads, dil, groups).with_layouts(*layouts)
     cg = cin // groups
     perm = RNG.permutation(cout)
     gr, wrows = [], []
@@ -195,16 +200,16 @@ def test_conv_kernels(isa, cin, cout, h, w, k, stride, pads, dil, groups, bits, 
         gr.append((q, s, perm[idx]))
         wrows.append(q * s[:, None, None, None])
     op, g2 = kconv.conv_op_from_codes("c", geom, gr, RNG.normal(size=cout).astype(np.float32), _act(act, cin),
-                                      relu=True, residual=batch == 2)
+                                      relu=True, residual=batch in (1, 2))
     nb = 2 if batch == "n" else batch
     x = (RNG.normal(size=(nb, cin, h, w)) * 2).astype(np.float32)
-    args = [x]
+    args = [_to(layouts[0], x)]
     r = None
     if op.residual:
         r = RNG.normal(size=(nb, cout, g2.out_h, g2.out_w)).astype(np.float32)
-        args.append(r)
+        args.append(_to(layouts[-1], r))
     y = _run(kconv.conv_module(op, g2, isa, batch=batch, residual=op.residual), *args)
-    _close(y, kconv.reference_conv(op, g2, x, np.concatenate(wrows), r))
+    _close(y, _to(layouts[1], kconv.reference_conv(op, g2, x, np.concatenate(wrows), r)))
 
 
 @pytest.mark.tvm

@@ -99,6 +99,9 @@ class LayerPlan:
     plan_w_bits: list[int] | None = None
     replaced: list[str] = field(default_factory=list)  # core chain first, then absorbed quantizers
     core_len: int = 1  # layer node + fused Gather/Add/Relu: replaced by the lowered node
+    in_layout: str = "NCHW"   # conv layers: NHWC when the input comes from another lowered conv
+    out_layout: str = "NCHW"  # NHWC when only lowered convs read the output
+    res_layout: str = "NCHW"  # layout of the fused residual tensor
 
     def summary(self) -> dict:
         op = self.op
@@ -121,6 +124,7 @@ class LayerPlan:
             "storage_bits": sorted({g.storage_bits for g in op.groups}, reverse=True),
             "packed_bytes": op.weight_bytes, "fp32_bytes": 4 * op.n_out * k_real,
             "act": act, "fused": [f for f, on in (("add", op.residual), ("relu", op.relu)) if on],
+            "layout": f"{self.in_layout}->{self.out_layout}" if self.kind != "linear" else None,
         }
 
 
@@ -533,8 +537,9 @@ class _Lowerer:
             groups.append(WeightGroup(out_index=out_index, scale=np.ones(cout, np.float32),
                                       float_data=packing.pack_float_weight(mat), plan_bits=32))
         else:
-            pos = 0
             kp = packing.padded_k(k)
+            mats, outs, scales, sbits, pbits = [], [], [], [], []
+            pos = 0
             for q, s, bmeta in wsrc[1]:
                 nb = q.shape[0]
                 if kind == "conv":
@@ -543,10 +548,19 @@ class _Lowerer:
                     mat = conv_weight_matrix(q, cp)
                 else:
                     mat = q.reshape(nb, -1)
-                sb = packing.storage_bits_for_range(int(mat.min()), int(mat.max())) if mat.size else 2
-                groups.append(WeightGroup(out_index=out_index[pos:pos + nb].copy(), scale=s,
-                                          packed=packing.pack_weight(mat, bits=sb, k_padded=kp), plan_bits=bmeta))
+                mats.append(mat)
+                outs.append(out_index[pos:pos + nb])
+                scales.append(s)
+                sbits.append(packing.storage_bits_for_range(int(mat.min()), int(mat.max())) if mat.size else 2)
+                pbits.append(bmeta)
                 pos += nb
+            for run in packing.merge_groups([m.shape[0] for m in mats], sbits, kp):
+                mat = np.concatenate([mats[i] for i in run])
+                plan_b = {pbits[i] for i in run}
+                groups.append(WeightGroup(out_index=np.concatenate([outs[i] for i in run]).astype(np.int32),
+                                          scale=np.concatenate([scales[i] for i in run]).astype(np.float32),
+                                          packed=packing.pack_weight(mat, bits=max(sbits[i] for i in run), k_padded=kp),
+                                          plan_bits=plan_b.pop() if len(plan_b) == 1 else None))
         try:
             op = LinearOp(k=k, n_out=cout, groups=groups, bias=bias, act=act, relu=relu,
                           residual=residual is not None, name=name)
@@ -650,6 +664,41 @@ def _widen_low_bit(m: onnx.ModelProto) -> None:
                     a.i = _WIDEN[a.i]
 
 
+def _assign_layouts(model: onnx.ModelProto, layers: list[LayerPlan]) -> None:
+    """Keep activations channels-last (NHWC) between lowered convolutions.
+
+    A lowered conv's output stays NHWC when it is not a graph output and only lowered convs read
+    it (as their input or as a fused residual, which the kernels read in either layout). This
+    removes the NCHW transposes of the prologues and epilogues between our own layers; tensors
+    that TVM's operators read stay NCHW.
+    """
+    conv_kinds = ("conv", "depthwise")
+    by_out = {lp.output: lp for lp in layers}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    nhwc = {}
+    for lp in layers:
+        ok = lp.kind in conv_kinds and lp.output not in outputs and bool(consumers.get(lp.output))
+        for n in consumers.get(lp.output, []):
+            if n.op_type != CUSTOM_OP or layers[next(a.i for a in n.attribute if a.name == "index")].kind \
+                    not in conv_kinds:
+                ok = False
+                break
+        nhwc[lp.output] = ok
+
+    def layout(tensor):
+        return "NHWC" if tensor in by_out and nhwc.get(tensor) else "NCHW"
+
+    for lp in layers:
+        if lp.kind in conv_kinds:
+            lp.out_layout = layout(lp.output)
+            lp.in_layout = layout(lp.source)
+            lp.res_layout = layout(lp.residual) if lp.residual else lp.out_layout
+
+
 def _io(vis) -> list[dict]:
     out = []
     for v in vis:
@@ -691,6 +740,7 @@ def analyze(model: onnx.ModelProto, kernels: bool = True, fp32_kernels: bool = T
                                  for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     rewritten = _rewrite(model, layers)
     check_supported(rewritten)
+    _assign_layouts(rewritten, layers)
     return ImportResult(rewritten, layers, fallbacks, _io(graph_inputs), _io(model.graph.output), meta)
 
 
@@ -781,7 +831,10 @@ def _emit_layer(bb, lp: LayerPlan, inputs: list, isa: str):
         return kgemm.emit_linear(bb, x2, op, isa, rows_static or 1, res, fname)
     if len(shape) != 4:
         raise CompileError(f"layer {lp.name}: convolution input must be 4-D NCHW")
-    c, h, w = (_static(s) for s in shape[1:])
+    if lp.in_layout == "NHWC":
+        h, w, c = (_static(s) for s in shape[1:])
+    else:
+        c, h, w = (_static(s) for s in shape[1:])
     if None in (c, h, w):
         raise CompileError(f"layer {lp.name}: symbolic channel/spatial sizes are not supported (only the batch)")
     cv = lp.conv
@@ -791,16 +844,23 @@ def _emit_layer(bb, lp: LayerPlan, inputs: list, isa: str):
         geom = kconv.ConvGeom.from_onnx(c, cv["cout"], h, w, cv["kh"], cv["kw"], cv["attrs"])
     except ValueError as exc:
         raise CompileError(f"layer {lp.name}: {exc}") from None
-    geom = geom.with_channel_pad(cv["cp"])
+    geom = geom.with_channel_pad(cv["cp"]).with_layouts(lp.in_layout, lp.out_layout, lp.res_layout)
     if geom.out_h < 1 or geom.out_w < 1:
         raise CompileError(f"layer {lp.name}: empty convolution output")
     nb_static = _static(shape[0]) or 1
-    out_shape = [shape[0], cv["cout"], geom.out_h, geom.out_w]
+    out_shape = geom.out_shape(shape[0])
     emit = kconv.emit_depthwise if lp.kind == "depthwise" else kconv.emit_conv2d
     extra = {"fp32_weight": lp.fp32_weight} if lp.kind == "depthwise" else {}
-    if res is not None and not _same_shape(res, out_shape):
+    if res is not None and not _same_shape(res, geom.res_shape(shape[0])):
+        # a broadcasting residual: add it with TVM's operator, in NCHW as the ONNX Add does
         y = emit(bb, x, replace(op, residual=False, relu=False), geom, isa, nb_static, None, fname, **extra)
-        return _unfused_tail(bb, y, res, op)
+        nhwc_res = geom.res_layout == "NHWC" and len(list(res.ty.shape)) == 4
+        if geom.out_layout == "NHWC":
+            y = bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+        if nhwc_res:
+            res = bb.emit(relax.op.permute_dims(res, [0, 3, 1, 2]))
+        y = _unfused_tail(bb, y, res, op)
+        return bb.emit(relax.op.permute_dims(y, [0, 2, 3, 1])) if geom.out_layout == "NHWC" else y
     return emit(bb, x, op, geom, isa, nb_static, res, fname, **extra)
 
 

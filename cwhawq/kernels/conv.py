@@ -17,7 +17,7 @@ call into a small int32 table, int32 accumulation over the taps, one rescale per
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -41,6 +41,9 @@ class ConvGeom:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     cp: int = 0  # channels per tap as stored (set by :meth:`with_channel_pad`)
+    in_layout: str = "NCHW"   # layout of the input tensor (NHWC between our own layers)
+    out_layout: str = "NCHW"  # layout of the output
+    res_layout: str = ""      # layout of the fused residual (default: the output's)
 
     @classmethod
     def from_onnx(cls, cin, cout, in_h, in_w, kh, kw, attrs: dict) -> "ConvGeom":
@@ -73,8 +76,25 @@ class ConvGeom:
         return cls(int(cin), int(cout), int(in_h), int(in_w), int(kh), int(kw), stride, pads, dil, group)
 
     def with_channel_pad(self, cp: int) -> "ConvGeom":
-        return ConvGeom(self.cin, self.cout, self.in_h, self.in_w, self.kh, self.kw, self.stride, self.pads,
-                        self.dilation, self.groups, int(cp))
+        return replace(self, cp=int(cp))
+
+    def with_layouts(self, in_layout: str = "NCHW", out_layout: str = "NCHW", res_layout: str | None = None) -> "ConvGeom":
+        res_layout = res_layout or out_layout
+        for lay in (in_layout, out_layout, res_layout):
+            if lay not in ("NCHW", "NHWC"):
+                raise ValueError(f"unsupported layout {lay!r}")
+        return replace(self, in_layout=in_layout, out_layout=out_layout, res_layout=res_layout)
+
+    def res_shape(self, n) -> list:
+        lay = self.res_layout or self.out_layout
+        return [n, self.cout, self.out_h, self.out_w] if lay == "NCHW" else [n, self.out_h, self.out_w, self.cout]
+
+    def in_shape(self, n) -> list:
+        return [n, self.cin, self.in_h, self.in_w] if self.in_layout == "NCHW" else [n, self.in_h, self.in_w, self.cin]
+
+    def out_shape(self, n) -> list:
+        return ([n, self.cout, self.out_h, self.out_w] if self.out_layout == "NCHW"
+                else [n, self.out_h, self.out_w, self.cout])
 
     @property
     def depthwise(self) -> bool:
@@ -153,7 +173,8 @@ def reference_conv(op: LinearOp, geom: ConvGeom, x: np.ndarray, weight_rows: np.
 
 # ===================================================================================== implicit GEMM
 def conv_prologue_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: int = 1):
-    """TE prologue: x float32 [n, C, H, W] -> channels-last padded A (+ channel sums in int mode)."""
+    """TE prologue: x float32 (NCHW or NHWC) -> channels-last padded A; in int mode also the row
+    sums ``R [n, OH, OW]`` (each output pixel's receptive field summed over taps and channels)."""
     import tvm  # noqa: PLC0415
     from tvm import te, tirx  # noqa: PLC0415
 
@@ -161,7 +182,7 @@ def conv_prologue_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: i
     n = tirx.Var("n", "int64")
     c_in, cp = geom.cin, geom.cp
     top, left = geom.pads[0], geom.pads[1]
-    x = te.placeholder((n, c_in, geom.in_h, geom.in_w), "float32", name="x")
+    x = te.placeholder(geom.in_shape(n), "float32", name="x")
     args = [x]
     if op.act is not None:
         fs = te.placeholder((1, c_in), "float32", name="act_scale")
@@ -172,8 +193,10 @@ def conv_prologue_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: i
         return tirx.all(h >= top, h < top + geom.in_h, w >= left, w < left + geom.in_w, c < c_in)
 
     def xin(b, h, w, c):
-        return x[b, tirx.min(c, c_in - 1), tirx.max(tirx.min(h - top, geom.in_h - 1), 0),
-                 tirx.max(tirx.min(w - left, geom.in_w - 1), 0)]
+        cc = tirx.min(c, c_in - 1)
+        hh = tirx.max(tirx.min(h - top, geom.in_h - 1), 0)
+        ww = tirx.max(tirx.min(w - left, geom.in_w - 1), 0)
+        return x[b, cc, hh, ww] if geom.in_layout == "NCHW" else x[b, hh, ww, cc]
 
     shape = (n, geom.hp, geom.wp, cp)
     if mode == "int":
@@ -189,7 +212,13 @@ def conv_prologue_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: i
                 d == 0, _te_digits(r[b, h, w, c], 0, 2), _te_digits(r[b, h, w, c], 1, 2)), name="pro_a")
         rc = te.reduce_axis((0, cp), name="rc")
         s = te.compute((n, geom.hp, geom.wp), lambda b, h, w: te.sum(r[b, h, w, rc], axis=rc), name="pro_s")
-        outs = [a, s]
+        ri = te.reduce_axis((0, geom.kh), name="ri")
+        rj = te.reduce_axis((0, geom.kw), name="rj")
+        sh, sw = geom.stride
+        dh, dw = geom.dilation
+        rs = te.compute((n, geom.out_h, geom.out_w), lambda b, oh, ow: te.sum(
+            s[b, oh * sh + ri * dh, ow * sw + rj * dw], axis=[ri, rj]), name="pro_rowsum")
+        outs = [a, rs]
     else:
         if op.act is not None:
             val = lambda b, h, w, c: _te_act_fake(xin(b, h, w, c), tirx.min(c, c_in - 1), fs, it)  # noqa: E731
@@ -202,12 +231,13 @@ def conv_prologue_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: i
     if isa == ISA_CUDA:
         return schedule_gpu_simple(func)
     work = expected_batch * geom.hp * geom.wp * cp
-    return schedule_prologue_cpu(func, parallel_rows=work >= 32768)
+    return schedule_prologue_cpu(func, parallel_rows=work >= 65536)
 
 
 def emit_conv2d(bb, x, op: LinearOp, geom: ConvGeom, isa: str, expected_batch: int = 1, residual=None,
                 name: str | None = None):
-    """Emit an ordinary (groups = 1) convolution on ``x`` (float32 NCHW); returns the output var.
+    """Emit an ordinary (groups = 1) convolution on ``x`` (float32, ``geom.in_layout``); returns the
+    output var (``geom.out_layout``).
 
     ``op.k`` must be ``kh * kw * geom.cp`` with weights laid out by :func:`conv_weight_matrix`.
     """
@@ -228,13 +258,12 @@ def emit_conv2d(bb, x, op: LinearOp, geom: ConvGeom, isa: str, expected_batch: i
     if op.mode == "int":
         ndig, _ = op.digits
         t = bb.emit(relax.call_tir(gv, args, [relax.TensorType([ndig] + sp, "int8"),
-                                              relax.TensorType(sp[:3], "int32")]))
+                                              relax.TensorType([nb, geom.out_h, geom.out_w], "int32")]))
         a_args = [bb.emit(relax.TupleGetItem(t, 0)), bb.emit(relax.TupleGetItem(t, 1))]
     else:
         a_args = [bb.emit(relax.call_tir(gv, args, relax.TensorType(sp, "float32")))]
     rows = expected_batch * geom.out_h * geom.out_w
-    return emit_core(bb, op, isa, a_args, [nb, op.n_out, geom.out_h, geom.out_w], rows, f"{name}_core",
-                     residual, geom)
+    return emit_core(bb, op, isa, a_args, geom.out_shape(nb), rows, f"{name}_core", residual, geom)
 
 
 # ===================================================================================== depthwise
@@ -248,7 +277,7 @@ def depthwise_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: int =
     c_in, mult = geom.cin, geom.cout // geom.cin
     top, left = geom.pads[0], geom.pads[1]
     taps = geom.taps
-    x = te.placeholder((n, c_in, geom.in_h, geom.in_w), "float32", name="x")
+    x = te.placeholder(geom.in_shape(n), "float32", name="x")
     args = [x]
     if op.act is not None:
         fs = te.placeholder((1, c_in), "float32", name="act_scale")
@@ -260,7 +289,9 @@ def depthwise_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: int =
         return tirx.all(h >= top, h < top + geom.in_h, w >= left, w < left + geom.in_w)
 
     def xin(b, c, h, w):
-        return x[b, c, tirx.max(tirx.min(h - top, geom.in_h - 1), 0), tirx.max(tirx.min(w - left, geom.in_w - 1), 0)]
+        hh = tirx.max(tirx.min(h - top, geom.in_h - 1), 0)
+        ww = tirx.max(tirx.min(w - left, geom.in_w - 1), 0)
+        return x[b, c, hh, ww] if geom.in_layout == "NCHW" else x[b, hh, ww, c]
 
     if mode == "int":
         val = lambda b, c, h, w: _te_act_value(xin(b, c, h, w), c, fs, it)  # noqa: E731
@@ -308,18 +339,21 @@ def depthwise_func(op: LinearOp, geom: ConvGeom, isa: str, expected_batch: int =
         name="dw_acc")
     res = None
     if op.residual:
-        res = te.placeholder((n, op.n_out, geom.out_h, geom.out_w), "float32", name="residual")
+        res = te.placeholder(geom.res_shape(n), "float32", name="residual")
         args.append(res)
+    nhwc = geom.out_layout == "NHWC"
+    res_nhwc = (geom.res_layout or geom.out_layout) == "NHWC"
 
-    def epilogue(b, o, h, w):
+    def epilogue(*idx):
+        b, o, h, w = (idx[0], idx[3], idx[1], idx[2]) if nhwc else idx
         v = acc[b, o, h, w].astype("float32") * epi[0, o] + epi[1, o]
         if res is not None:
-            v = v + res[b, o, h, w]
+            v = v + (res[b, h, w, o] if res_nhwc else res[b, o, h, w])
         if op.relu:
             v = tirx.max(v, tirx.const(0, "float32"))
         return v
 
-    y = te.compute((n, op.n_out, geom.out_h, geom.out_w), epilogue, name="dw_y")
+    y = te.compute(geom.out_shape(n), epilogue, name="dw_y")
     func = te.create_prim_func(args + [y], index_dtype_override="int64")
     if isa == ISA_CUDA:
         return schedule_gpu_simple(func), tabs
@@ -353,11 +387,11 @@ def _schedule_depthwise_cpu(func, parallel: bool):
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     y = sch.get_sblock("dw_y")
     acc = sch.get_sblock("dw_acc")
-    b, o, h, w = sch.get_loops(y)
-    bo = sch.fuse(b, o)
-    sch.compute_at(acc, h)
+    loops = sch.get_loops(y)
+    outer = sch.fuse(loops[0], loops[1])
+    sch.compute_at(acc, loops[2])
     if parallel:
-        sch.parallel(bo)
+        sch.parallel(outer)
     vin = sch.get_sblock("dw_in")
     lv = sch.get_loops(vin)
     fused = sch.fuse(lv[0], lv[1])
@@ -394,7 +428,7 @@ def emit_depthwise(bb, x, op: LinearOp, geom: ConvGeom, isa: str, expected_batch
     args.append(relax.const(tabs["epi"]))
     if op.residual:
         args.append(residual)
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType([nb, op.n_out, geom.out_h, geom.out_w], "float32")))
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType(geom.out_shape(nb), "float32")))
 
 
 # ===================================================================================== builders
@@ -456,16 +490,17 @@ def conv_op_fp32(name: str, geom: ConvGeom, weight: np.ndarray, bias: np.ndarray
 
 
 def conv_module(op: LinearOp, geom: ConvGeom, isa: str, batch: int | str = "n", residual: bool = False):
-    """A Relax IRModule ``main(x[, residual]) -> y`` running one convolution (tests, benchmarks)."""
+    """A Relax IRModule ``main(x[, residual]) -> y`` running one convolution (tests, benchmarks);
+    tensors in ``geom.in_layout`` / ``geom.out_layout``."""
     from tvm import relax, tirx  # noqa: PLC0415
 
     nb = tirx.Var(batch, "int64") if isinstance(batch, str) else batch
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([nb, geom.cin, geom.in_h, geom.in_w], "float32"))
+    x = relax.Var("x", relax.TensorType(geom.in_shape(nb), "float32"))
     params = [x]
     res = None
     if residual:
-        res = relax.Var("residual", relax.TensorType([nb, geom.cout, geom.out_h, geom.out_w], "float32"))
+        res = relax.Var("residual", relax.TensorType(geom.res_shape(nb), "float32"))
         params.append(res)
     exp = nb if isinstance(nb, int) else 1
     with bb.function("main", params):

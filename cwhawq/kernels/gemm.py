@@ -279,8 +279,11 @@ class LinearOp:
         epi = np.stack([np.concatenate(scales), np.concatenate(biases)]).astype(np.float32)
         corr_all = np.concatenate(corr)
         corr_all = ((corr_all + 2**31) % 2**32 - 2**31).astype(np.int32)  # int32 wraparound
-        return {"epi": np.ascontiguousarray(epi), "corr": corr_all,
-                "oidx": np.concatenate(oidx).astype(np.int32)}
+        oidx_all = np.concatenate(oidx).astype(np.int32)
+        blocks = oidx_all.reshape(-1, BLOCK_N)
+        contiguous = np.all(blocks[:, 1:] - blocks[:, :1] == np.arange(1, BLOCK_N), axis=1) & (blocks[:, 0] >= 0)
+        obase = np.where(contiguous, blocks[:, 0], -1).astype(np.int32)
+        return {"epi": np.ascontiguousarray(epi), "corr": corr_all, "oidx": oidx_all, "obase": obase}
 
     def cuda_corr(self) -> np.ndarray:
         """CUDA's unsigned dp4a sees digits + 128: its extra term per row, folded into corr."""
@@ -305,27 +308,39 @@ class Tile:
 
 
 def choose_tile(isa: str, mode: str, digits: int, pack: int, n_blocks: int, expected_rows: int,
-                n_tiles_hint: int | None = None) -> Tile:
-    """Register tile and task size for a group (heuristics for 32 vector registers)."""
+                row_multiple: int | None = None) -> Tile:
+    """Register tile and task size for a group (heuristics for 32 vector registers).
+
+    ``row_multiple``: a number of rows every row count is a multiple of (``OH*OW`` for a conv,
+    ``M`` for a fixed batch): a tile height dividing it needs no remainder code, and a conv tile
+    then never straddles two images.
+    """
     d = max(digits, 1)
-    budget = 16 if isa in (ISA_X86_VNNI, ISA_GENERIC) else 24
-    if isa == ISA_ARM_DOT:
-        budget = 6  # a 16-lane accumulator is four NEON registers
-    if mode != "int":
-        pack = 1 if mode == "fp32" else pack
+    budget = 6 if isa == ISA_ARM_DOT else 16  # 16-lane accumulators (four NEON registers each on ARM)
+    if mode == "fp32":
+        pack = 1
     rows = max(1, int(expected_rows))
-    nt = max(1, min(n_blocks, 4))
-    if rows <= 2 and n_blocks >= 8 and isa != ISA_ARM_DOT:
+    if rows <= 2 and n_blocks >= 8 and isa != ISA_ARM_DOT:  # GEMV: wide n-tiles, split chains
         nt = 8 if pack == 1 else 4
-    mt = max(1, min(8, budget // (nt * d)))
-    if rows < mt:
-        mt = rows
+        mt = 1 if rows == 1 or (row_multiple and row_multiple % 2) else rows
+    else:
+        best = (0, 0, 1, 1)
+        for nt_ in range(1, min(n_blocks, 8) + 1):
+            for mt_ in range(1, 9):
+                if nt_ * mt_ * d > budget or mt_ > rows:
+                    continue
+                if row_multiple and row_multiple % mt_:
+                    continue
+                key = (nt_ * mt_, mt_)
+                if key > best[:2]:
+                    best = (nt_ * mt_, mt_, nt_, mt_)
+        nt, mt = best[2], best[3]
     split = mode == "int" and pack > 1 and nt * mt * d * pack <= budget
-    n_tiles = n_tiles_hint if n_tiles_hint is not None else -(-n_blocks // nt)
+    n_tiles = -(-n_blocks // nt)
     want_tasks = 8
     if n_tiles >= want_tasks:
         rpt = -(-rows // mt) * mt
-        rpt = min(rpt, 64 // mt * mt or mt)
+        rpt = min(rpt, max(mt, 64 // mt * mt))
     else:
         chunks = -(-want_tasks // n_tiles)
         rpt = -(-rows // (mt * chunks)) * mt
@@ -527,20 +542,36 @@ class _Layout:
             sp = (_c64(g.hp), _c64(g.wp), _c64(g.cp))
             if mode == "int":
                 self.A = T.arg("A", T.buffer((_c64(ndig), nb) + sp, "int8"))
-                self.S = T.arg("chansum", T.buffer((nb, _c64(g.hp), _c64(g.wp)), "int32"))
+                self.S = T.arg("rowsum", T.buffer((nb, _c64(g.out_h), _c64(g.out_w)), "int32"))
             else:
                 self.A = T.arg("A", T.buffer((nb,) + sp, "float32"))
                 self.S = None
 
+    @property
+    def channels_last(self) -> bool:
+        """Rows of the output are contiguous 16-channel vectors (dense, or an NHWC conv)."""
+        return self.kind == "dense" or self.geom.out_layout == "NHWC"
+
     def out_shape(self):
         if self.kind == "dense":
             return (self.m, _c64(self.op.n_out))
-        g = self.geom
-        return (self.nbatch, _c64(self.op.n_out), _c64(g.out_h), _c64(g.out_w))
+        return tuple(_c64(v) if isinstance(v, int) else v for v in self.geom.out_shape(self.nbatch))
+
+    def res_index(self, row, o):
+        if self.kind == "dense" or self.geom.res_layout == "NHWC":
+            return self.out_index(row, o) if self.kind == "dense" else [row.b, row.h_out, row.w_out, o]
+        return [row.b, o, row.h_out, row.w_out]
+
+    def res_shape(self):
+        if self.kind == "dense":
+            return self.out_shape()
+        return tuple(_c64(v) if isinstance(v, int) else v for v in self.geom.res_shape(self.nbatch))
 
     def out_index(self, row, o):
         if self.kind == "dense":
             return [row.m, o]
+        if self.geom.out_layout == "NHWC":
+            return [row.b, row.h_out, row.w_out, o]
         return [row.b, o, row.h_out, row.w_out]
 
     # ---- rows
@@ -554,20 +585,13 @@ class _Layout:
         oh = T.Bind(tirx.floordiv(pix, _c64(g.out_w)))
         ow = T.Bind(tirx.floormod(pix, _c64(g.out_w)))
         r = _Row(m, b, oh * _c64(g.stride[0]), ow * _c64(g.stride[1]))
-        r.h_out, r.w_out = oh, ow
+        r.h_out, r.w_out, r.pix = oh, ow, pix
         return r
 
     def rowsum(self, T, tirx, row):
         if self.kind == "dense":
             return self.S[row.m]
-        g = self.geom
-        acc = T.alloc_buffer((1,), "int32", scope="local")
-        T.buffer_store(acc, T.int32(0), [0])
-        with T.serial(_c64(0), _c64(g.kh)) as i:
-            with T.serial(_c64(0), _c64(g.kw)) as j:
-                T.buffer_store(acc, acc[0] + self.S[row.b, row.h + i * _c64(g.dilation[0]),
-                                                    row.w + j * _c64(g.dilation[1])], [0])
-        return acc[0]
+        return self.Sf[row.m]
 
     # ---- k loops
     def for_records(self, T, tirx, kg_n, pack, body):
@@ -621,12 +645,22 @@ def _declare_common(T, op, isa, lay, mode, ndig):
     epi = T.arg("epi", T.buffer((_c64(2), _c64(np_total)), "float32"))
     corr = T.arg("corr", T.buffer((_c64(np_total),), "int32")) if mode == "int" else None
     oidx = T.arg("oidx", T.buffer((_c64(np_total),), "int32"))
-    res = T.arg("residual", T.buffer(lay.out_shape(), "float32")) if op.residual else None
+    if isa != ISA_CUDA:
+        lay.obase = T.arg("obase", T.buffer((_c64(np_total // BLOCK_N),), "int32"))
+    res = T.arg("residual", T.buffer(lay.res_shape(), "float32")) if op.residual else None
     Y = T.arg("Y", T.buffer(lay.out_shape(), "float32"))
+    size = None
+    for dim in lay.out_shape():
+        size = dim if size is None else size * dim
+    # flat views (declared after every argument)
+    if lay.kind == "conv" and lay.S is not None:
+        lay.Sf = T.decl_buffer((lay.m,), "int32", data=lay.S.data)
+    lay.Yf = T.decl_buffer((size,), "float32", data=Y.data)
+    lay.Rf = T.decl_buffer((size,), "float32", data=res.data) if res is not None else None
     return W, epi, corr, oidx, res, Y
 
 
-def core_func(op: LinearOp, isa: str, expected_rows: int, name: str, geom=None):
+def core_func(op: LinearOp, isa: str, expected_rows: int, name: str, geom=None, rows_static: bool = False):
     """The GEMM core PrimFunc (see the module docstring and :class:`_Layout` for the arguments:
     activations, row sums (int mode), one weight array per group, ``epi`` float32 [2, NP] (row
     scale, row bias), ``corr`` int32 [NP] (int mode), ``oidx`` int32 [NP], the residual if fused,
@@ -639,10 +673,11 @@ def core_func(op: LinearOp, isa: str, expected_rows: int, name: str, geom=None):
     mode = op.mode
     ndig, _ = op.digits
     lay = _Layout(op, geom)
+    row_multiple = geom.out_h * geom.out_w if geom is not None else (int(expected_rows) if rows_static else None)
     tiles = []
     for g in op.groups:
         pack = g.packed.pack if g.packed is not None else 1
-        tiles.append(choose_tile(isa, mode, ndig, pack, g.n_blocks, expected_rows))
+        tiles.append(choose_tile(isa, mode, ndig, pack, g.n_blocks, expected_rows, row_multiple))
     # one task = one n-tile of one group over a chunk of rows; all groups share the row chunking
     lcm = int(np.lcm.reduce([t.mt for t in tiles]))
     rpt = max(t.rows_per_task for t in tiles)
@@ -675,11 +710,13 @@ def core_func(op: LinearOp, isa: str, expected_rows: int, name: str, geom=None):
                             ctx = _CoreCtx(T, tirx, isa, mode, op, g, lay, W[gi], epi, corr, oidx, res, Y,
                                            int(row_start[gi]), ndig)
 
-                            def rows_loop(ntc, ctx=ctx, t=t, nb0=nb0):
+                            exact = row_multiple is not None and row_multiple % t.mt == 0
+
+                            def rows_loop(ntc, ctx=ctx, t=t, nb0=nb0, exact=exact):
                                 nfull = T.Bind(tirx.floordiv(nrows, _c64(t.mt)))
                                 with T.serial(_c64(0), nfull) as it:
                                     ctx.tile(nb0, ntc, r0 + it * _c64(t.mt), t.mt, t.split)
-                                if t.mt > 1:
+                                if t.mt > 1 and not exact:  # rows left over when M % mt != 0
                                     with T.serial(_c64(0), tirx.floormod(nrows, _c64(t.mt))) as ir:
                                         ctx.tile(nb0, ntc, r0 + nfull * _c64(t.mt) + ir, 1, t.split)
 
@@ -800,10 +837,12 @@ class _CoreCtx:
             zeff = g.packed.zero
             if isa == ISA_ARM_DOT and g.packed.bits == 8:
                 zeff = 0
+        vals = []
         for mi in range(mtc):
             rs = None
             if zeff:
                 rs = T.Bind(self.lay.rowsum(T, tirx, rows[mi]) * T.int32(zeff))
+            vals.append([])
             for nt in range(ntc):
                 r = None
                 for d in range(nd):
@@ -819,7 +858,8 @@ class _CoreCtx:
                     if zeff:
                         r = r - T.broadcast(rs, 16)
                     r = T.Cast("float32x16", r + self.corr[T.ramp(pos, _c64(1), 16)])
-                self._store(r, pos, rows[mi])
+                vals[mi].append(r)
+        self._epilogue(vals, rows, nb0)
 
     def _tile_fp32(self, nb0, ntc, rows):
         T, tirx = self.T, self.tirx
@@ -838,28 +878,87 @@ class _CoreCtx:
                                    [T.ramp(ix, 1, 16)])
 
         self.lay.for_elems(T, tirx, body)
-        for mi in range(mtc):
-            for nt in range(ntc):
-                pos = _c64(self.row0) + (nb0 + _c64(nt)) * _c64(BLOCK_N)
-                self._store(acc[T.ramp((mi * ntc + nt) * 16, 1, 16)], pos, rows[mi])
+        self._epilogue([[acc[T.ramp((mi * ntc + nt) * 16, 1, 16)] for nt in range(ntc)] for mi in range(mtc)],
+                       rows, nb0)
 
-    def _store(self, f, pos, row):
-        """Scale, bias, residual, ReLU and the store of one 16-channel vector at its channels."""
-        T, tirx = self.T, self.tirx
-        f = f * self.epi[_c64(0), T.ramp(pos, _c64(1), 16)] + self.epi[_c64(1), T.ramp(pos, _c64(1), 16)]
-        fb = T.alloc_buffer((16,), "float32", scope="local")
-        T.buffer_store(fb, f, [T.ramp(0, 1, 16)])
-        for i in range(BLOCK_N):
-            o = T.Bind(T.Cast("int64", self.oidx[pos + _c64(i)]))
-            with T.If(o >= _c64(0)):
-                with T.Then():
-                    idx = self.lay.out_index(row, o)
-                    val = fb[i]
-                    if self.res is not None:
-                        val = val + self.res[tuple(idx)]
-                    if self.op.relu:
-                        val = tirx.max(val, T.float32(0))
-                    T.buffer_store(self.Y, val, idx)
+    def _res_index(self, row, o, lanes: int, along: str):
+        """Flat index of the fused residual for ``lanes`` consecutive channels (``along="c"``) or
+        pixels (``along="pix"``) starting at (row, channel o), in the residual's own layout."""
+        T, lay = self.T, self.lay
+        n_out = _c64(self.op.n_out)
+        if lay.kind == "dense" or lay.geom.res_layout == "NHWC":
+            base, step_c, step_pix = row.m * n_out + o, _c64(1), n_out
+        else:
+            hw = _c64(lay.geom.out_h * lay.geom.out_w)
+            base, step_c, step_pix = (row.b * n_out + o) * hw + row.pix, hw, _c64(1)
+        if lanes == 1:
+            return base
+        return T.ramp(base, step_c if along == "c" else step_pix, lanes)
+
+    def _finish(self, v, lanes: int, res_idx=None):
+        """Residual add (read at ``res_idx``) and ReLU of an output value or vector."""
+        if self.res is not None:
+            v = v + self.lay.Rf[res_idx]
+        if self.op.relu:
+            zero = self.T.float32(0) if lanes == 1 else self.T.broadcast(self.T.float32(0), lanes)
+            v = self.tirx.max(v, zero)
+        return v
+
+    def _epilogue(self, vals, rows, nb0):
+        """Scale + bias per channel, then the stores at the rows' original channels.
+
+        NCHW conv output: the tile's rows are consecutive pixels of one image, so the tile is
+        transposed in registers and each channel's ``mt`` pixels go out as one vector. Dense and
+        NHWC conv output (channels contiguous per row): a block whose 16 rows are consecutive
+        channels (``obase``) is one vector store; otherwise 16 scalar stores.
+        """
+        T, tirx, lay = self.T, self.tirx, self.lay
+        mtc, ntc = len(vals), len(vals[0])
+        for nt in range(ntc):
+            pos = T.Bind(_c64(self.row0) + (nb0 + _c64(nt)) * _c64(BLOCK_N))
+            sc = self.epi[_c64(0), T.ramp(pos, _c64(1), 16)]
+            bi = self.epi[_c64(1), T.ramp(pos, _c64(1), 16)]
+            if not lay.channels_last:
+                g = lay.geom
+                hw = g.out_h * g.out_w
+                fb = T.alloc_buffer((mtc * 16,), "float32", scope="local")
+                for mi in range(mtc):
+                    T.buffer_store(fb, vals[mi][nt] * sc + bi, [T.ramp(mi * 16, 1, 16)])
+                img = T.Bind(rows[0].b * _c64(self.op.n_out))
+                for i in range(BLOCK_N):
+                    o = T.Bind(T.Cast("int64", self.oidx[pos + _c64(i)]))
+                    with T.If(o >= _c64(0)):
+                        with T.Then():
+                            base = (img + o) * _c64(hw) + rows[0].pix
+                            if mtc == 1:
+                                idx = base
+                                v = fb[i]
+                            else:
+                                idx = T.ramp(base, _c64(1), mtc)
+                                v = fb[T.ramp(i, 16, mtc)]
+                            ridx = self._res_index(rows[0], o, mtc, "pix") if self.res is not None else None
+                            T.buffer_store(lay.Yf, self._finish(v, mtc, ridx), [idx])
+                continue
+            blk = T.Bind(pos // _c64(BLOCK_N))
+            ob = T.Bind(T.Cast("int64", lay.obase[blk]))
+            for mi in range(mtc):
+                f = T.Bind(vals[mi][nt] * sc + bi)
+                rowbase = rows[mi].m * _c64(self.op.n_out)
+                with T.If(ob >= _c64(0)):
+                    with T.Then():
+                        idx = T.ramp(rowbase + ob, _c64(1), 16)
+                        ridx = self._res_index(rows[mi], ob, 16, "c") if self.res is not None else None
+                        T.buffer_store(lay.Yf, self._finish(f, 16, ridx), [idx])
+                    with T.Else():
+                        fb = T.alloc_buffer((16,), "float32", scope="local")
+                        T.buffer_store(fb, f, [T.ramp(0, 1, 16)])
+                        for i in range(BLOCK_N):
+                            o = T.Bind(T.Cast("int64", self.oidx[pos + _c64(i)]))
+                            with T.If(o >= _c64(0)):
+                                with T.Then():
+                                    idx = rowbase + o
+                                    ridx = self._res_index(rows[mi], o, 1, "c") if self.res is not None else None
+                                    T.buffer_store(lay.Yf, self._finish(fb[i], 1, ridx), [idx])
 
 
 # ===================================================================================== core (CUDA)
@@ -963,7 +1062,7 @@ def _cuda_thread(T, tirx, op, g, mode, ndig, lay, W, row, lane, nb, epi, corr, o
             idx = lay.out_index(row, o)
             val = f
             if res is not None:
-                val = val + res[tuple(idx)]
+                val = val + res[tuple(lay.res_index(row, o))]
             if op.relu:
                 val = tirx.max(val, T.float32(0))
             T.buffer_store(Y, val, idx)
@@ -978,15 +1077,17 @@ def weight_args(op: LinearOp, isa: str) -> list[np.ndarray]:
     if op.mode == "int":
         arrs.append(op.cuda_corr() if isa == ISA_CUDA else tabs["corr"])
     arrs.append(tabs["oidx"])
+    if isa != ISA_CUDA:
+        arrs.append(tabs["obase"])
     return arrs
 
 
 def emit_core(bb, op: LinearOp, isa: str, a_args: list, out_shape, expected_rows: int, name: str,
-              residual=None, geom=None):
+              residual=None, geom=None, rows_static: bool = False):
     """Add the core PrimFunc to ``bb`` and emit its call; returns the output Relax var."""
     from tvm import relax  # noqa: PLC0415
 
-    gv = add_func(bb, core_func(op, isa, expected_rows, name, geom), name)
+    gv = add_func(bb, core_func(op, isa, expected_rows, name, geom, rows_static), name)
     args = list(a_args) + [relax.const(a) for a in weight_args(op, isa)]
     if op.residual:
         if residual is None:
@@ -1017,7 +1118,11 @@ def emit_linear(bb, x, op: LinearOp, isa: str, expected_rows: int = 1, residual=
             a_args = [bb.emit(relax.TupleGetItem(t, 0)), bb.emit(relax.TupleGetItem(t, 1))]
         else:
             a_args = [bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, op.k_padded], "float32")))]
-    return emit_core(bb, op, isa, a_args, [rows, op.n_out], expected_rows, f"{name}_core", residual)
+    from tvm import tirx  # noqa: PLC0415
+
+    static = isinstance(rows, (int, tirx.IntImm))
+    return emit_core(bb, op, isa, a_args, [rows, op.n_out], int(rows) if static else expected_rows,
+                     f"{name}_core", residual, rows_static=static)
 
 
 OPAQUE_PATTERN = 8  # relax OpPatternKind.kOpaque: our kernels are never fused with other ops

@@ -177,6 +177,31 @@ def unpack_weight(pw: PackedWeight) -> np.ndarray:
     return (u - pw.zero).astype(np.int8)
 
 
+def merge_groups(sizes: list[int], bits: list[int], k_padded: int) -> list[list[int]]:
+    """Which weight groups to store together: a partition of the groups (in their order) into runs
+    stored at the run's widest bit-width, minimising the packed bytes (rows are padded to 16 per
+    group, so a handful of channels at 2 bits can cost more than storing them at 4 or 8 bits, and
+    every extra group is an extra block of rows to compute). Ties go to fewer groups."""
+    g = len(sizes)
+    if g != len(bits):
+        raise ValueError("sizes and bits differ in length")
+    best: tuple[int, int, list[list[int]]] | None = None
+    for mask in range(1 << max(g - 1, 0)):
+        runs, cur = [], [0]
+        for i in range(1, g):
+            if mask >> (i - 1) & 1:
+                runs.append(cur)
+                cur = [i]
+            else:
+                cur.append(i)
+        runs.append(cur)
+        nbytes = sum(padded_n(sum(sizes[i] for i in r)) * k_padded * max(bits[i] for i in r) // 8 for r in runs)
+        key = (nbytes, len(runs))
+        if best is None or key < best[:2]:
+            best = (nbytes, len(runs), runs)
+    return best[2] if best else []
+
+
 # ------------------------------------------------------------------------------------ fp32 weights
 def pack_float_weight(w: np.ndarray, k_padded: int | None = None) -> np.ndarray:
     """fp32 weights ``[n, k]`` in the kernels' float layout ``float32 [NB, k_padded, 16]``.

@@ -1,0 +1,827 @@
+"""Export a model under a bit plan to standard ONNX (docs/onnx-format.md is the contract, docs/export.md
+the user guide).
+
+The float graph (normalisation, ReLU, adds, pooling, flatten, ...) comes from torch's own ONNX exporter
+(``torch.onnx.export(dynamo=True)``) run on the canonical QModel with every quantization hook removed.
+Each quantized layer's Conv/Gemm node is then found by its weight initializer and replaced by:
+
+    [Gather L/perm_in]  (depthwise only: its input channels follow its output permutation)
+    Max L/act_max -> Min L/act_min -> QuantizeLinear L/act_q -> DequantizeLinear L/act_dq
+    DequantizeLinear L/dq_w{b} per bit group -> Concat L/concat_w
+    Conv|Gemm L  (output channels permuted so that equal bits are contiguous, descending)
+    [Gather L/unperm]   (restores the original channel order unless folded, see below)
+
+Undoing the permutation costs nothing when the layer's output reaches exactly one quantized layer
+through channel-wise operators (ReLU, pooling, flatten, per-channel constant Add/Mul, BatchNorm, ...):
+the consumer's input channels (weights, activation quantizer, or a depthwise consumer's input Gather)
+and the constants on the way are permuted instead. Otherwise (residual adds, graph outputs, several
+readers) a Gather restores the order.
+
+Every number comes from the PyTorch simulation of the same plan (:mod:`cwhawq.quantize`): the weight
+codes, weight scales, folded biases and calibrated activation scales are written as they are, so that
+onnxruntime computes the simulation up to float summation order (measured in docs/export.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import __version__
+from .errors import CwhawqError, ExportError
+
+FORMATS = ("qdq", "int8-container")
+MIN_OPSET = 17          # int8-container and 8/6-bit-only plans (per-axis Q/DQ exists since 13)
+OPSET_INT4 = 21         # INT4 / UINT4 tensors and DequantizeLinear inputs
+OPSET_INT2 = 25         # INT2 / UINT2
+MAX_OPSET = 25          # the newest opset torch's exporter emits natively (and onnxruntime 1.32 runs)
+MIN_IR_VERSION = 10     # metadata_props on nodes and initializers
+
+_STORAGE = {8: TensorProto.INT8, 6: TensorProto.INT8, 4: TensorProto.INT4, 3: TensorProto.INT4,
+            2: TensorProto.INT2}
+_TYPE_OPSET = {TensorProto.INT8: MIN_OPSET, TensorProto.INT4: OPSET_INT4, TensorProto.INT2: OPSET_INT2}
+_TYPE_BITS = {TensorProto.INT8: 8, TensorProto.INT4: 4, TensorProto.INT2: 2}
+
+# operators that act on each channel independently (data input first, any other input a constant)
+_UNARY_CHANNELWISE = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
+                      "Selu", "Celu", "Gelu", "Softplus", "Softsign", "Mish", "Identity", "Dropout", "Abs",
+                      "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Erf",
+                      "Cast", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+                      "GlobalLpPool"}
+_BINARY_CONST = {"Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Pow"}
+_REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSum",
+           "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare"}
+
+
+# ===================================================================================== helpers
+def storage_type(bits: int, fmt: str = "qdq") -> int:
+    """ONNX element type holding the codes of a ``bits``-bit weight group in format ``fmt``."""
+    if fmt == "int8-container":
+        return TensorProto.INT8
+    try:
+        return _STORAGE[int(bits)]
+    except KeyError:
+        raise ExportError(f"no ONNX container for {bits}-bit weights (bit-widths: {sorted(_STORAGE)})") from None
+
+
+def required_opset(plan, fmt: str = "qdq") -> int:
+    """The lowest opset that holds the plan's weight bits in format ``fmt``."""
+    bits = {int(b) for lp in plan.layers for b in lp.w_bits}
+    return max([MIN_OPSET] + [_TYPE_OPSET[storage_type(b, fmt)] for b in bits])
+
+
+def _check_opset(plan, fmt: str, opset: int | None) -> int:
+    need = required_opset(plan, fmt)
+    if opset is None:
+        return need
+    opset = int(opset)
+    if opset < MIN_OPSET or opset > MAX_OPSET:
+        raise ExportError(f"--opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
+    if opset < need:
+        bits = sorted({int(b) for lp in plan.layers for b in lp.w_bits
+                       if _TYPE_OPSET[storage_type(b, fmt)] > opset})
+        typ = "INT2" if need >= OPSET_INT2 else "INT4"
+        raise ExportError(f"opset {opset} is too low for the plan's {'/'.join(map(str, bits))}-bit weights: "
+                          f"{typ} needs opset {need} (use --opset {need}, or --format int8-container for "
+                          f"opset {MIN_OPSET}+)")
+    return opset
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _set_meta(proto, items: dict) -> None:
+    for k, v in items.items():
+        e = proto.metadata_props.add()
+        e.key = k
+        e.value = v if isinstance(v, str) else json.dumps(v)
+
+
+def _jlist(a) -> str:
+    return json.dumps([int(v) for v in np.asarray(a).reshape(-1)])
+
+
+def _const(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(arr), name)
+
+
+def _codes_tensor(name: str, codes: np.ndarray, etype: int) -> onnx.TensorProto:
+    import ml_dtypes
+
+    if etype == TensorProto.INT8:
+        return _const(name, codes.astype(np.int8))
+    dt = ml_dtypes.int4 if etype == TensorProto.INT4 else ml_dtypes.int2
+    return numpy_helper.from_array(np.ascontiguousarray(codes.astype(np.int8).astype(dt)), name)
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.raw_data:
+        return len(t.raw_data)
+    return len(t.SerializeToString())
+
+
+def _hist(bits) -> dict[str, int]:
+    vals, counts = np.unique(np.asarray(bits, dtype=np.int64), return_counts=True)
+    return {str(int(v)): int(c) for v, c in sorted(zip(vals, counts), key=lambda vc: -vc[0])}
+
+
+def _sens_summary(entry: dict | None, w_idx=None) -> dict | None:
+    """{"w_trace": {mean,min,max}, "a_trace": {...}} of one layer of a sensitivity file."""
+    if not entry:
+        return None
+    out = {}
+    for key, short in (("weight", "w_trace"), ("activation", "a_trace")):
+        tr = (entry.get(key) or {}).get("trace")
+        if tr is None:
+            continue
+        a = np.asarray(tr, dtype=np.float64)
+        if key == "weight" and w_idx is not None:
+            a = a[np.asarray(w_idx)]
+        if a.size:
+            out[short] = {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max())}
+    return out or None
+
+
+# ===================================================================================== torch export
+def _torch_export(qm, input_shape, opset: int) -> onnx.ModelProto:
+    """The float graph of the QModel (hooks removed) from torch's exporter, batch symbolic."""
+    import torch
+
+    saved = {n: (q.act, q.wq) for n, q in qm.qlayers.items()}
+    qm.reset()
+    example = torch.zeros((2, *input_shape))
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(qm.eval(), (example,), dynamo=True, input_names=["input"],
+                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+                                     opset_version=max(opset, 18), verbose=False, optimize=True)
+        model = prog.model_proto
+    except CwhawqError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds
+        raise ExportError(f"torch's ONNX exporter cannot export the float graph: {_one_line(exc)}") from None
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        for n, q in qm.qlayers.items():
+            q.act, q.wq = saved[n]
+    if opset == 17:
+        _downgrade_to_17(model)
+    # torch's provenance annotations (stack traces, FX nodes) are noise in a deployment file
+    for coll in (model.graph.node, model.graph.value_info, model.graph.input, model.graph.output,
+                 model.graph.initializer):
+        for p in coll:
+            keep = [e for e in p.metadata_props if not (e.key.startswith("pkg.torch") or e.key == "namespace")]
+            del p.metadata_props[:]
+            p.metadata_props.extend(keep)
+    if len(model.graph.output) == 1 and not model.graph.output[0].name.startswith("logits"):
+        _rename_tensor(model, model.graph.output[0].name, "logits")
+    return model
+
+
+def _rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
+    g = model.graph
+    for n in g.node:
+        for i, v in enumerate(n.input):
+            if v == old:
+                n.input[i] = new
+        for i, v in enumerate(n.output):
+            if v == old:
+                n.output[i] = new
+    for coll in (g.input, g.output, g.value_info):
+        for v in coll:
+            if v.name == old:
+                v.name = new
+
+
+def _downgrade_to_17(model: onnx.ModelProto) -> None:
+    """Opset 18 -> 17: reductions take ``axes`` as an attribute again; any other operator whose
+    signature changed in opset 18 is refused (one-line error)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            since = onnx.defs.get_schema(n.op_type, 18, "").since_version
+        except Exception:  # noqa: BLE001
+            continue
+        if since < 18:
+            continue
+        if n.op_type in _REDUCE and n.op_type != "ReduceSum":
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            axes = None
+            if len(n.input) > 1 and n.input[1]:
+                if n.input[1] not in inits:
+                    raise ExportError(f"opset 17 needs constant reduction axes ({n.op_type} {n.name}); "
+                                      f"use --opset 18")
+                axes = numpy_helper.to_array(inits[n.input[1]]).astype(np.int64).tolist()
+                del n.input[1:]
+            if attrs.get("noop_with_empty_axes", 0) and not axes:
+                raise ExportError(f"{n.op_type} {n.name} has no opset-17 form; use --opset 18")
+            keep = [a for a in n.attribute if a.name != "noop_with_empty_axes"]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+            if axes:
+                n.attribute.append(helper.make_attribute("axes", axes))
+            continue
+        raise ExportError(f"operator {n.op_type} ({n.name}) has no opset-17 form here; use --opset 18 or newer")
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = 17
+
+
+# ===================================================================================== graph rewrite
+@dataclass
+class _Layer:
+    name: str
+    info: object
+    state: object
+    node: onnx.NodeProto
+    perm: np.ndarray                       # position -> original output channel
+    groups: int = 1
+    in_perm: np.ndarray | None = None      # position -> original input channel (folded producer perm)
+    in_gather: np.ndarray | None = None    # depthwise: Gather indices applied to the incoming tensor
+    unperm: str = "identity"               # identity | gather | folded:<consumer>
+    const_perms: list = field(default_factory=list)  # (node, input index, axis, perm) on a folded chain
+
+    @property
+    def identity(self) -> bool:
+        return bool(np.array_equal(self.perm, np.arange(len(self.perm))))
+
+
+class _View:
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for o in n.output:
+                self.producer[o] = n
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in g.output}
+        inferred = onnx.shape_inference.infer_shapes(model)
+        self.shapes: dict[str, list] = {}
+        for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            dims = v.type.tensor_type.shape.dim
+            self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+    def const(self, name: str):
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        n = self.producer.get(name)
+        if n is not None and n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+
+def _find_layer_nodes(model: onnx.ModelProto, view: _View, qm, names) -> dict[str, onnx.NodeProto]:
+    """The Conv/Gemm node of each quantized layer: the one reading the layer's weight initializer
+    (matched by torch's parameter name, else by value)."""
+    by_weight: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        if len(n.input) > 1 and n.input[1] in view.inits:
+            by_weight.setdefault(n.input[1], []).append(n)
+    found: dict[str, onnx.NodeProto] = {}
+    used: set[str] = set()
+    for name in names:
+        q = qm.layer(name)
+        key = name.replace(".", "__")
+        cands = [t for t in by_weight if t.endswith(f"qlayers.{key}.weight")]
+        if len(cands) != 1:
+            w = q.weight.detach().numpy()
+            cands = [t for t in by_weight if t not in used and tuple(view.inits[t].dims) == w.shape
+                     and np.array_equal(numpy_helper.to_array(view.inits[t]), w)]
+        nodes = by_weight.get(cands[0], []) if len(cands) == 1 else []
+        if len(nodes) != 1:
+            raise ExportError(f"layer {name}: cannot find its node in the exported ONNX graph")
+        node = nodes[0]
+        if q.is_conv and node.op_type != "Conv":
+            raise ExportError(f"layer {name}: unsupported layer type (exported as {node.op_type}, expected Conv)")
+        if not q.is_conv:
+            if node.op_type != "Gemm":
+                raise ExportError(f"layer {name}: unsupported layer type: a Linear on a rank-"
+                                  f"{len(qm.layer_infos[names.index(name)].in_shape) + 1} input (exported as "
+                                  f"{node.op_type}); only 2-D Linear inputs (Gemm) are exported")
+            at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if int(at.get("transA", 0)) or not int(at.get("transB", 0)) or float(at.get("alpha", 1.0)) != 1.0 \
+                    or float(at.get("beta", 1.0)) != 1.0:
+                raise ExportError(f"layer {name}: unsupported Gemm form {at}")
+        used.add(cands[0])
+        found[name] = node
+    return found
+
+
+def _fold_target(view: _View, L: _Layer, layers_by_node: dict[int, _Layer]):
+    """Follow L's output through channel-wise operators to a single quantized consumer that can absorb
+    the permutation. Returns (consumer, expand, const_perms) or None."""
+    C = len(L.perm)
+    t = L.node.output[0]
+    expand = 1
+    const_perms = []
+    for _ in range(64):
+        if t in view.outputs:
+            return None
+        cons = view.consumers.get(t, [])
+        if len(cons) != 1:
+            return None
+        n = cons[0]
+        M = layers_by_node.get(id(n))
+        if M is not None:
+            if n.input[0] != t:
+                return None
+            if M.info.kind == "linear":
+                return (M, expand, const_perms) if M.info.in_channels == C * expand else None
+            if expand != 1 or M.info.in_channels != C:
+                return None
+            if M.info.kind == "depthwise":
+                return (M, 1, const_perms) if M.in_gather is not None else None
+            return (M, 1, const_perms) if M.groups == 1 else None
+        if n.input[0] != t:
+            return None
+        shape = view.shapes.get(t)
+        if not shape or len(shape) < 2 or shape[1] != C * expand:
+            return None
+        op = n.op_type
+        if op in _UNARY_CHANNELWISE:
+            for extra in n.input[1:]:
+                if extra and (view.const(extra) is None or view.const(extra).size != 1):
+                    return None
+            if op in ("MaxPool", "AveragePool", "LpPool") and len(n.output) > 1 and n.output[1]:
+                return None  # MaxPool indices
+        elif op == "BatchNormalization":
+            if expand != 1:
+                return None
+            for k in range(1, 5):
+                v = view.const(n.input[k])
+                if v is None or v.shape != (C,):
+                    return None
+                const_perms.append((n, k, 0))
+        elif op in _BINARY_CONST:
+            if len(n.input) != 2:
+                return None
+            v = view.const(n.input[1])
+            if v is None:
+                return None
+            if v.size != 1:
+                vs = list(v.shape)
+                rank = len(shape)
+                if len(vs) > rank:
+                    return None
+                vs = [1] * (rank - len(vs)) + vs
+                if vs[1] != C * expand or any(d != 1 for i, d in enumerate(vs) if i != 1):
+                    return None
+                const_perms.append((n, 1, len(v.shape) - (rank - 1)))
+        elif op in _REDUCE:
+            at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            axes = at.get("axes")
+            if axes is None and len(n.input) > 1 and n.input[1]:
+                a = view.const(n.input[1])
+                axes = None if a is None else a.reshape(-1).tolist()
+            if not axes or expand != 1:
+                return None
+            axes = [int(a) % len(shape) for a in axes]
+            if 0 in axes or 1 in axes:
+                return None
+        elif op in ("Flatten", "Reshape", "Squeeze"):
+            out_shape = view.shapes.get(n.output[0])
+            if expand != 1 or out_shape is None or len(out_shape) != 2 or len(shape) < 2:
+                return None
+            if op == "Flatten":
+                at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                if int(at.get("axis", 1)) != 1:
+                    return None
+            rest = shape[2:]
+            if any(d is None for d in rest):
+                return None
+            e = int(np.prod(rest)) if rest else 1
+            if out_shape[1] != C * e:
+                return None
+            expand = e
+        else:
+            return None
+        t = n.output[0]
+    return None
+
+
+def _expand_perm(perm: np.ndarray, e: int) -> np.ndarray:
+    return (perm[:, None] * e + np.arange(e)[None, :]).reshape(-1)
+
+
+def _plan_layers(model, view, qm, sim) -> list[_Layer]:
+    names = qm.names
+    nodes = _find_layer_nodes(model, view, qm, names)
+    layers = []
+    for info in qm.layer_infos:
+        st = sim.states[info.name]
+        perm = np.argsort(-np.asarray(st.w_bits, dtype=np.int64), kind="stable").astype(np.int64)
+        q = qm.layer(info.name)
+        L = _Layer(info.name, info, st, nodes[info.name], perm, groups=int(q.groups))
+        if not L.identity:
+            if info.kind == "depthwise":
+                L.in_gather = perm.copy()
+            elif L.groups != 1:
+                raise ExportError(f"layer {info.name}: unsupported layer type for a mixed plan: grouped "
+                                  f"convolution (groups={L.groups}) with channels of different bits "
+                                  f"(give its channels one bit-width)")
+        layers.append(L)
+    by_node = {id(L.node): L for L in layers}
+    for L in layers:
+        if L.identity:
+            continue
+        tgt = _fold_target(view, L, by_node)
+        if tgt is None:
+            L.unperm = "gather"
+            continue
+        M, expand, const_perms = tgt
+        L.unperm = f"folded:{M.name}"
+        L.const_perms = [(n, k, axis, _expand_perm(L.perm, expand)) for n, k, axis in const_perms]
+        if M.info.kind == "depthwise":
+            inv = np.argsort(L.perm)
+            M.in_gather = inv[M.perm]
+        else:
+            M.in_perm = _expand_perm(L.perm, expand)
+    return layers
+
+
+def _act_order(L: _Layer) -> np.ndarray | None:
+    """Position -> original input channel of the tensor that reaches L's activation quantizer."""
+    if L.info.kind == "depthwise" and L.in_gather is not None:
+        return L.perm
+    return L.in_perm
+
+
+def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
+    """Nodes and initializers replacing L's torch node, and L's size report."""
+    st, info, name = L.state, L.info, L.name
+    nodes, inits = [], []
+    x = L.node.input[0]
+    if L.in_gather is not None:
+        inits.append(_const(f"{name}.perm_in.indices", L.in_gather.astype(np.int64)))
+        nodes.append(helper.make_node("Gather", [x, f"{name}.perm_in.indices"], [f"{name}.perm_in"],
+                                      name=f"{name}/perm_in", axis=1))
+        x = f"{name}.perm_in"
+    # ---- activation quantizer
+    order = _act_order(L)
+    s, lo, hi = (np.asarray(v, np.float32) for v in (st.a_scales, st.a_qmin, st.a_qmax))
+    if order is not None:
+        s, lo, hi = s[order], lo[order], hi[order]
+    C = len(s)
+    bshape = (1, C) + (1,) * (len(info.in_shape) - 1)
+    zdt = np.int8 if st.a_signed else np.uint8
+    inits += [_const(f"{name}.act.lo", (s * lo).reshape(bshape)), _const(f"{name}.act.hi", (s * hi).reshape(bshape)),
+              _const(f"{name}.act.scale", s), _const(f"{name}.act.zero_point", np.zeros(C, zdt))]
+    nodes += [
+        helper.make_node("Max", [x, f"{name}.act.lo"], [f"{name}.act.max"], name=f"{name}/act_max"),
+        helper.make_node("Min", [f"{name}.act.max", f"{name}.act.hi"], [f"{name}.act.min"], name=f"{name}/act_min"),
+        helper.make_node("QuantizeLinear", [f"{name}.act.min", f"{name}.act.scale", f"{name}.act.zero_point"],
+                         [f"{name}.act.q"], name=f"{name}/act_q", axis=1),
+        helper.make_node("DequantizeLinear", [f"{name}.act.q", f"{name}.act.scale", f"{name}.act.zero_point"],
+                         [f"{name}.act.dq"], name=f"{name}/act_dq", axis=1),
+    ]
+    # ---- weights: permuted output channels, one initializer + DQ per bit group
+    codes = np.asarray(st.w_codes)
+    if L.in_perm is not None:
+        codes = codes[:, L.in_perm]
+    codes = codes[L.perm]
+    scales = np.asarray(st.w_scales, np.float32)[L.perm]
+    bits = np.asarray(st.w_bits, np.int64)[L.perm]
+    dq_outs, group_rep = [], []
+    pos = 0
+    for b in sorted({int(v) for v in bits}, reverse=True):
+        n_b = int((bits == b).sum())
+        sl = slice(pos, pos + n_b)
+        assert np.all(bits[sl] == b)
+        etype = storage_type(b, fmt)
+        cname = f"{name}.weight.w{b}"
+        ct = _codes_tensor(cname, codes[sl], etype)
+        chans = L.perm[sl]
+        qmax = (1 << (b - 1)) - 1
+        meta = {"cwhawq.bits": str(b), "cwhawq.channels": _jlist(chans), "cwhawq.range": json.dumps([-qmax, qmax]),
+                "cwhawq.container": TensorProto.DataType.Name(etype)}
+        ss = _sens_summary(sens_entry, chans)
+        if ss:
+            meta["cwhawq.sensitivity"] = json.dumps(ss)
+        _set_meta(ct, meta)
+        st_ = _const(f"{cname}.scale", scales[sl])
+        inits += [ct, st_]
+        nodes.append(helper.make_node("DequantizeLinear", [cname, f"{cname}.scale"], [f"{cname}.dq"],
+                                      name=f"{name}/dq_w{b}", axis=0))
+        dq_outs.append(f"{cname}.dq")
+        group_rep.append({"bits": b, "channels": n_b, "type": TensorProto.DataType.Name(etype),
+                          "bytes": _tensor_bytes(ct) + _tensor_bytes(st_)})
+        pos += n_b
+    if len(dq_outs) > 1:
+        nodes.append(helper.make_node("Concat", dq_outs, [f"{name}.weight"], name=f"{name}/concat_w", axis=0))
+        wname = f"{name}.weight"
+    else:
+        wname = dq_outs[0]
+    ins = [f"{name}.act.dq", wname]
+    if st.bias is not None:
+        inits.append(_const(f"{name}.bias", np.asarray(st.bias, np.float32)[L.perm]))
+        ins.append(f"{name}.bias")
+    out = L.node.output[0]
+    y = f"{name}.out_perm" if L.unperm == "gather" else out
+    attrs = {a.name: helper.get_attribute_value(a) for a in L.node.attribute}
+    if info.kind == "linear":
+        layer = helper.make_node("Gemm", ins, [y], name=name, transB=1)
+    else:
+        layer = helper.make_node("Conv", ins, [y], name=name, **attrs)
+    pm = st.a_params or {}
+    lmeta = {"cwhawq.layer": name, "cwhawq.kind": info.kind, "cwhawq.w_bits": _jlist(st.w_bits),
+             "cwhawq.perm": _jlist(L.perm), "cwhawq.a_bits": _jlist(st.a_bits),
+             "cwhawq.a_signed": "true" if st.a_signed else "false",
+             "cwhawq.a_scale_mode": str(pm.get("mode", "free")),
+             "cwhawq.a_base_scale": json.dumps(pm.get("base_scale")),
+             "cwhawq.a_exponents": json.dumps(pm.get("exponents")),
+             "cwhawq.sensitivity": json.dumps(_sens_summary(sens_entry)),
+             "cwhawq.unperm": L.unperm}
+    if _act_order(L) is not None:
+        lmeta["cwhawq.in_perm"] = _jlist(_act_order(L))
+    _set_meta(layer, lmeta)
+    nodes.append(layer)
+    if L.unperm == "gather":
+        inits.append(_const(f"{name}.unperm.indices", np.argsort(L.perm).astype(np.int64)))
+        nodes.append(helper.make_node("Gather", [y, f"{name}.unperm.indices"], [out], name=f"{name}/unperm", axis=1))
+    rep = {"name": name, "kind": info.kind, "weight_shape": list(info.weight_shape),
+           "w_bits": _hist(st.w_bits), "a_bits": _hist(st.a_bits), "unperm": L.unperm,
+           "fp32_bytes": 4 * int(info.params), "groups": group_rep,
+           "packed_bytes": sum(gr["bytes"] for gr in group_rep)}
+    return nodes, inits, rep
+
+
+def build_model(float_model: onnx.ModelProto, qm, sim, fmt: str, opset: int, sens=None):
+    """Rewrite torch's float graph into the quantized graph (in place); returns the layer reports."""
+    view = _View(float_model)
+    layers = _plan_layers(float_model, view, qm, sim)
+    sens_by = {e.get("name"): e for e in (sens or {}).get("layers", [])} if sens else {}
+    g = float_model.graph
+    # permute the constants on folded chains (copies: an initializer may be shared)
+    for L in layers:
+        for n, k, axis, perm in L.const_perms:
+            v = view.const(n.input[k])
+            new = f"{n.input[k]}.perm_{L.name}"
+            g.initializer.append(_const(new, np.take(v, perm, axis=axis)))
+            n.input[k] = new
+    by_node = {id(L.node): L for L in layers}
+    new_nodes, reports = [], []
+    for n in list(g.node):
+        L = by_node.get(id(n))
+        if L is None:
+            new_nodes.append(n)
+            continue
+        nodes, inits, rep = _emit_layer(L, fmt, sens_by.get(L.name))
+        new_nodes += nodes
+        g.initializer.extend(inits)
+        reports.append(rep)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    _prune(float_model)
+    for op in float_model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = opset
+    ir = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    float_model.ir_version = max(MIN_IR_VERSION, ir)
+    return reports
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop initializers and value_info no node reads any more (the float weights)."""
+    g = model.graph
+    used = {o.name for o in g.output}
+    for n in g.node:
+        used.update(i for i in n.input if i)
+        used.update(n.output)
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    vis = [v for v in g.value_info if v.name in used]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+
+
+# ===================================================================================== runtime checks
+def _check_onnx(m: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(m, full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"the exported graph does not pass the ONNX checker: {_one_line(exc)}") from None
+
+
+def _ort_session(model_bytes: bytes):
+    import onnxruntime as ort
+    import torch
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"onnxruntime cannot run the exported model: {_one_line(exc)}") from None
+
+
+def _ort_logits(sess, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Max |difference| of two logit arrays, also relative to the reference's logit range."""
+    if not ref.size:
+        return {"samples": 0, "max_abs_diff": 0.0, "logit_range": 0.0, "rel_diff": 0.0, "within_1e-4": 1.0,
+                "argmax_agreement": 1.0}
+    per = np.abs(ref.astype(np.float64) - got.astype(np.float64)).reshape(len(ref), -1).max(1)
+    rng = float(ref.max() - ref.min())
+    diff = float(per.max())
+    return {"samples": int(ref.shape[0]), "max_abs_diff": diff, "logit_range": rng,
+            "rel_diff": diff / rng if rng > 0 else diff,
+            "within_1e-4": float((per <= 1e-4 * rng).mean()),
+            "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean())}
+
+
+# ===================================================================================== entry point
+def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset: int | None = None,
+                meta: dict | None = None, *, data_dir: str | None = None, calib_batches: int = 4,
+                act_scale: str = "pow2", finetune_epochs: int = 0, sens=None, verify: int = 64,
+                eval_split: str | None = None, eval_limit: int | None = None, batch_size: int = 500) -> dict:
+    """Export ``model`` (zoo:NAME, .pt2 or a LoadedModel) under ``plan`` (path or Plan) to ``out``.
+
+    The plan is simulated exactly as ``cwhawq eval --plan`` does (:func:`cwhawq.api.simulate_plan`;
+    ``data`` is a dataset spec or a Dataset used as the calibration set). ``verify`` samples of the
+    calibration set are run through onnxruntime and compared with the simulation; ``eval_split``
+    (e.g. "test") also measures both accuracies on that split and records them in ``cwhawq.accuracy``.
+    Returns a summary dict (layers, bits, sizes, opset, comparison). Nothing is written on error.
+    """
+    from . import api
+    from .io import atomic_path
+    from .models import LoadedModel, load_model
+
+    t0 = time.time()
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}: use {' or '.join(FORMATS)}")
+    if isinstance(model, str):
+        if model.endswith(".onnx"):
+            raise ExportError(f"{model}: export takes a PyTorch model (zoo:NAME or .pt2); an .onnx file "
+                              f"already holds its plan")
+        loaded = load_model(model)
+    elif isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        raise ExportError("model must be a spec (zoo:NAME, .pt2) or a LoadedModel")
+    if not hasattr(plan, "layers"):
+        from .plan import load_plan
+
+        plan_src = str(plan)
+        plan = load_plan(plan)
+    else:
+        plan_src = "<plan>"
+    opset = _check_opset(plan, fmt, opset)
+    from .evaluate import check_input_shape
+
+    calib = api.calibration_set(data, data_dir, calib_batches)
+    check_input_shape(loaded.input_shape, calib)
+    if sens is not None and not isinstance(sens, dict):
+        from .hessian import load_sensitivity
+
+        sens = load_sensitivity(sens)
+    qm, plan, sim = api.simulate_plan(loaded, plan, data if finetune_epochs else calib, data_dir, calib_batches,
+                                      act_scale, finetune_epochs)
+    float_model = _torch_export(qm, loaded.input_shape, opset)
+    fp32_file = len(float_model.SerializeToString())
+    m = copy.deepcopy(float_model)
+    reports = build_model(m, qm, sim, fmt, opset, sens)
+    _check_onnx(m)
+    fallback = None
+    try:
+        sess = _ort_session(m.SerializeToString())
+    except ExportError as exc:
+        if fmt != "qdq" or not any(t.data_type in (TensorProto.INT4, TensorProto.INT2) for t in m.graph.initializer):
+            raise
+        # a runtime without INT4/INT2 DequantizeLinear: the same graph with INT8 containers
+        import onnxruntime
+
+        fallback = (f"onnxruntime {onnxruntime.__version__} cannot run INT4/INT2 weights ({exc}); wrote "
+                    f"--format int8-container instead")
+        fmt = "int8-container"
+        m = float_model
+        reports = build_model(m, qm, sim, fmt, opset, sens)
+        _check_onnx(m)
+        sess = _ort_session(m.SerializeToString())
+    model_meta = {
+        "cwhawq.version": __version__,
+        "cwhawq.format": fmt,
+        "cwhawq.plan": json.dumps(plan.to_dict()),
+        "cwhawq.model": str(plan.model or loaded.spec),
+        "cwhawq.budget": str(plan.budget or ""),
+        "cwhawq.method": str(plan.method or ""),
+        "cwhawq.search": json.dumps(plan.meta or {}),
+        "cwhawq.accuracy": json.dumps((plan.metrics or {}).get("accuracy")),
+        "cwhawq.calibration": json.dumps({"data": data if isinstance(data, str) else getattr(data, "name", None),
+                                          "split": "train", "samples": None if not isinstance(data, str)
+                                          else calib_batches * 128, "seed": 1, "act_scale": act_scale,
+                                          "finetune_epochs": finetune_epochs}),
+    }
+    for k, v in (meta or {}).items():
+        model_meta[k if k.startswith("cwhawq.") else f"cwhawq.{k}"] = v if isinstance(v, str) else json.dumps(v)
+    check = None
+    if verify:
+        from .evaluate import predict
+
+        sub = calib.subset(min(int(verify), len(calib)), seed=2)
+        check = compare_logits(predict(qm, sub, batch_size), _ort_logits(sess, sub.x, batch_size))
+    accuracy = None
+    if eval_split:
+        from .data import load as load_data
+        from .evaluate import predict
+
+        if not isinstance(data, str):
+            raise ExportError("eval_split needs a dataset spec")
+        ds = load_data(data, eval_split, data_dir).subset(eval_limit)
+        ref = predict(qm, ds, batch_size)
+        got = _ort_logits(sess, ds.x, batch_size)
+        accuracy = {"split": eval_split, "n": len(ds), "simulated": float((ref.argmax(1) == ds.y).mean()),
+                    "onnxruntime": float((got.argmax(1) == ds.y).mean()), **{
+                        k: v for k, v in compare_logits(ref, got).items() if k != "samples"}}
+        model_meta["cwhawq.accuracy"] = json.dumps(accuracy)
+    helper.set_model_props(m, model_meta)
+    m.producer_name, m.producer_version = "cwhawq", __version__
+    with atomic_path(out) as tmp:
+        onnx.save_model(m, str(tmp))
+        size = Path(tmp).stat().st_size
+    nparams = sum(int(i.params) for i in qm.layer_infos)
+    hist: dict[str, float] = {}
+    for i in qm.layer_infos:
+        for b, c in _hist(plan[i.name].w_bits).items():
+            hist[b] = hist.get(b, 0.0) + c * i.weight_elems_per_channel / nparams
+    return {
+        "out": str(out), "model": loaded.spec, "plan": plan_src, "format": fmt, "opset": opset,
+        "ir_version": int(m.ir_version), "layers": reports,
+        "w_bits_hist": dict(sorted(hist.items(), key=lambda kv: -int(kv[0]))),
+        "fp32_weight_bytes": sum(r["fp32_bytes"] for r in reports),
+        "packed_weight_bytes": sum(r["packed_bytes"] for r in reports),
+        "fp32_file_bytes": fp32_file, "file_bytes": size,
+        "gathers": sum(r["unperm"] == "gather" for r in reports) + sum(
+            1 for n in m.graph.node if n.name.endswith("/perm_in")),
+        "folded": sum(r["unperm"].startswith("folded") for r in reports),
+        "verify": check, "accuracy": accuracy, "fallback": fallback, "seconds": round(time.time() - t0, 3),
+    }
+
+
+def summary_text(rep: dict) -> str:
+    """The table ``cwhawq export`` prints."""
+    rows = [("layer", "kind", "weight bits (channels)", "act bits", "order", "fp32 KiB", "packed KiB")]
+    for r in rep["layers"]:
+        rows.append((r["name"], r["kind"], " ".join(f"{b}:{c}" for b, c in r["w_bits"].items()),
+                     " ".join(f"{b}:{c}" for b, c in r["a_bits"].items()), r["unperm"],
+                     f"{r['fp32_bytes'] / 1024:.2f}", f"{r['packed_bytes'] / 1024:.2f}"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) if i < 5 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    hist = ", ".join(f"{b}-bit {f * 100:.1f}%" for b, f in rep["w_bits_hist"].items())
+    lines.append("")
+    lines.append(f"{len(rep['layers'])} layers; weights by bits: {hist}")
+    lines.append(f"weights {rep['fp32_weight_bytes'] / 1024:.1f} KiB fp32 -> {rep['packed_weight_bytes'] / 1024:.1f} "
+                 f"KiB packed (x{rep['fp32_weight_bytes'] / max(1, rep['packed_weight_bytes']):.2f}); file "
+                 f"{rep['fp32_file_bytes'] / 1024:.1f} KiB fp32 -> {rep['file_bytes'] / 1024:.1f} KiB")
+    lines.append(f"format {rep['format']}, opset {rep['opset']}, IR {rep['ir_version']}; {rep['folded']} "
+                 f"permutations folded, {rep['gathers']} Gathers")
+    v = rep.get("verify")
+    if v:
+        lines.append(f"onnxruntime vs simulation on {v['samples']} samples: max |logit diff| {v['max_abs_diff']:.3g} "
+                     f"({v['rel_diff']:.2g} of the logit range; {v['within_1e-4'] * 100:.1f}% of samples within "
+                     f"1e-4 of it), argmax agreement {v['argmax_agreement'] * 100:.2f}%")
+    a = rep.get("accuracy")
+    if a:
+        lines.append(f"accuracy on {a['split']} (n={a['n']}): simulated {a['simulated'] * 100:.2f}%, onnxruntime "
+                     f"{a['onnxruntime'] * 100:.2f}%; logits: max |diff| {a['max_abs_diff']:.3g} "
+                     f"({a['rel_diff']:.2g} of the range), {a['within_1e-4'] * 100:.1f}% of samples within 1e-4, "
+                     f"argmax agreement {a['argmax_agreement'] * 100:.2f}%")
+    if rep.get("fallback"):
+        lines.append(f"warning: {rep['fallback']}")
+    lines.append(f"-> {rep['out']}")
+    return "\n".join(lines)

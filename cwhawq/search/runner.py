@@ -1,0 +1,335 @@
+"""The search loop: episodes, JSONL log, atomic checkpoints, resume, and the final plan.
+
+One episode: the agent acts layer by layer (warm-up: random), the environment builds the plan and
+enforces the budget, the evaluator measures the plan on the fixed validation subset, the effective
+transitions go to the replay buffer, and (after warm-up) the agent takes one update per layer.
+
+Files (defaults derived from ``out``, e.g. ``plan.json``):
+- ``plan.jsonl``: one JSON line per finished episode (episode, reward, accuracy, loss, cost and plan
+  metrics, per-layer ratios after enforcement, demotions, noise sigma, best so far, timings);
+- ``plan.ckpt``: written atomically every ``checkpoint_every`` episodes, after the last one, and when
+  Ctrl-C stops the run (the current episode is finished first; a second Ctrl-C aborts at once). It
+  holds the agent (networks, targets, optimizers), the replay buffer, the random-generator state,
+  the episode count, the timings and the best plan. ``resume=True`` continues from it: the log is cut
+  back to the checkpoint's episodes and the episodes after it are replayed, deterministically, so
+  the final plan is the one an uninterrupted run with the same seed gives. ``episodes`` may be raised
+  on resume (the noise schedule depends only on the episode index).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CwhawqError
+from ..io import atomic_path, write_text
+from ..plan import Budget, parse_budget, plan_from_dict, plan_metrics
+from .costs import make_cost_model
+from .ddpg import DDPG, DDPGConfig
+from .env import ENFORCE_MODES, QuantSearchEnv, sensitivity_by_layer
+from .reward import REWARDS, PlanEvaluator
+
+CHECKPOINT_FORMAT = "cwhawq-search-checkpoint"
+CHECKPOINT_VERSION = 1
+PHASES = ("plan", "quantize", "evaluate", "update", "io")
+
+
+class SearchError(CwhawqError):
+    """A search that cannot run or resume as asked."""
+
+
+def parse_a_bits(a_bits, bit_set) -> tuple[int, ...]:
+    """``8`` (all channels), ``mixed`` (the weight bit set) or a list such as ``4,8``."""
+    from ..api import parse_bits
+
+    if isinstance(a_bits, int):
+        return parse_bits([a_bits])
+    if str(a_bits).strip() == "mixed":
+        return tuple(bit_set)
+    return parse_bits(a_bits)
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Ctrl-C sets a flag (checked between episodes); a second Ctrl-C interrupts immediately."""
+    flag = {"hit": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["hit"]:
+            raise KeyboardInterrupt
+        flag["hit"] = True
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _sha1_json(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _round(x, nd=6):
+    return None if x is None else round(float(x), nd)
+
+
+def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.125", episodes: int = 300,
+           out: str | None = None, seed: int = 0, resume: bool = False, bits="2,4,8", a_bits="8",
+           data_dir: str | None = None, log: str | None = None, checkpoint: str | None = None,
+           checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
+           calib_batches: int = 4, act_scale: str = "pow2", enforce: str = "omega", latency=None,
+           progress: bool = False, on_episode=None, **agent_options):
+    """DDPG search of a channel-wise mixed-precision plan for ``model`` under ``budget``.
+
+    Returns the best plan found (a :class:`cwhawq.plan.Plan`, method ``ddpg``, meeting the budget),
+    written to ``out`` when given. ``agent_options`` are :class:`DDPGConfig` fields (warmup, hidden,
+    lr_actor, lr_critic, tau, discount, batch_size, buffer_size, sigma, sigma_decay, sigma_min,
+    baseline_alpha, updates_per_step). ``latency``: a latency cost model for ``latency:`` budgets
+    (see :mod:`cwhawq.search.costs`). ``enforce``: ``omega`` or ``layers`` (:mod:`cwhawq.search.env`).
+    ``on_episode(record)`` is called after every episode.
+    """
+    from .. import data as D
+    from ..api import calibration_set, parse_bits
+    from ..evaluate import check_input_shape
+    from ..graph import qmodel_from_loaded
+    from ..hessian import load_sensitivity
+    from ..models import load_model
+    from ..quantize import Quantizer
+
+    t_start = time.perf_counter()
+    # ---- options (cheap checks first)
+    bud = budget if isinstance(budget, Budget) else parse_budget(budget)
+    w_set = parse_bits(bits)
+    a_set = parse_a_bits(a_bits, w_set)
+    if episodes < 1:
+        raise SearchError("episodes must be >= 1")
+    if checkpoint_every < 1:
+        raise SearchError("checkpoint_every must be >= 1")
+    if enforce not in ENFORCE_MODES:
+        raise SearchError(f"enforce must be one of {', '.join(ENFORCE_MODES)}, got {enforce!r}")
+    if reward not in REWARDS:
+        raise SearchError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+    unknown = set(agent_options) - set(DDPGConfig.__dataclass_fields__)
+    if unknown:
+        raise SearchError(f"unknown agent option(s): {', '.join(sorted(unknown))}")
+    cfg = DDPGConfig(**agent_options)
+    if cfg.batch_size < 1 or cfg.buffer_size < 1 or cfg.hidden < 1 or cfg.warmup < 0:
+        raise SearchError("batch_size, buffer_size and hidden must be >= 1, warmup >= 0")
+    if sens is None:
+        raise SearchError("the search needs a sensitivity file (--sens, from cwhawq analyze)")
+    sens_d = sens if isinstance(sens, dict) else load_sensitivity(sens)
+    sens_src = "sensitivity" if isinstance(sens, dict) else str(sens)
+    out_p = Path(out) if out else None
+    log_p = Path(log) if log else (out_p.with_suffix(".jsonl") if out_p else None)
+    ckpt_p = Path(checkpoint) if checkpoint else (out_p.with_suffix(".ckpt") if out_p else None)
+    if resume and ckpt_p is None:
+        raise SearchError("resume needs a checkpoint path (--checkpoint, or --out to derive it)")
+
+    # ---- model, data, environment
+    loaded = load_model(model)
+    qm = qmodel_from_loaded(loaded)
+    infos = qm.layer_infos
+    sensitivity_by_layer(sens_d, infos, sens_src)
+    cost = make_cost_model(bud, infos, latency, tuple(sorted(set(w_set) | set(a_set))))
+    env = QuantSearchEnv(infos, sens_d, bud, cost, w_set, a_set, enforce=enforce)
+    val = D.load(data, "val", data_dir).subset(val_samples)
+    check_input_shape(loaded.input_shape, val)
+    calib = calibration_set(data, data_dir, calib_batches)
+    quantizer = Quantizer(qm, calib, act_scale=act_scale)
+    train = D.load(data, "train", data_dir) if finetune_steps else None
+    evaluator = PlanEvaluator(qm, quantizer, val, reward, finetune_steps=finetune_steps, train=train, w_bits=w_set)
+    agent = DDPG(env.state_dim, env.action_dim, cfg, seed=seed)
+
+    config = {"model": model, "data": data, "budget": str(bud), "w_bits": list(w_set), "a_bits": list(a_set),
+              "seed": int(seed), "reward": reward, "val_samples": int(val_samples),
+              "finetune_steps": int(finetune_steps), "calib_batches": int(calib_batches), "act_scale": act_scale,
+              "enforce": enforce, "agent": cfg.to_dict(), "layers": [i.name for i in infos],
+              "sens_sha1": _sha1_json([[l.get("name"), l.get("weight", {}).get("trace"),
+                                        l.get("activation", {}).get("trace")] for l in sens_d["layers"]])}
+    start, best, totals, prev_elapsed = 0, None, {p: 0.0 for p in PHASES}, 0.0
+    if resume and ckpt_p.is_file():
+        ck = _load_checkpoint(ckpt_p)
+        diff = [k for k in config if ck["config"].get(k) != config[k]]
+        if diff:
+            k = diff[0]
+            raise SearchError(f"checkpoint {ckpt_p} belongs to another search ({k}: {ck['config'].get(k)!r} there, "
+                              f"{config[k]!r} here); delete it or run without --resume")
+        agent.load_state_dict(ck["agent"])
+        start, best, totals, prev_elapsed = int(ck["episode"]), ck["best"], dict(ck["times"]), float(ck["elapsed"])
+    setup_seconds = time.perf_counter() - t_start
+    if log_p is not None:
+        _truncate_log(log_p, start)
+
+    # ---- episodes
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=episodes, initial=min(start, episodes), desc="ddpg search", unit="ep", leave=False,
+                   dynamic_ncols=True)
+        if best is not None:
+            bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy'] * 100:.2f}%")
+    t_loop = time.perf_counter()
+    ep = start
+    try:
+        with _deferred_sigint() as sigint, (open(log_p, "a") if log_p is not None else contextlib.nullcontext()) as logf:
+            while ep < episodes:
+                rec, plan_d = _episode(ep, env, agent, evaluator, bud, cfg)
+                for p in PHASES[:-1]:
+                    totals[p] += rec["time"][p]
+                key = (rec["reward"], -rec["loss"])
+                if best is None or key > (best["reward"], -best["loss"]):
+                    best = {"episode": ep, "reward": rec["reward"], "loss": rec["loss"], "accuracy": rec["accuracy"],
+                            "cost": rec["cost"], "plan": plan_d}
+                rec["best_reward"], rec["best_episode"] = _round(best["reward"]), best["episode"]
+                t_io = time.perf_counter()
+                if logf is not None:
+                    logf.write(json.dumps(rec) + "\n")
+                    logf.flush()
+                ep += 1
+                stop = sigint["hit"]
+                if ckpt_p is not None and (ep % checkpoint_every == 0 or ep == episodes or stop):
+                    elapsed = prev_elapsed + time.perf_counter() - t_loop
+                    _save_checkpoint(ckpt_p, config, ep, agent, best, totals, elapsed)
+                totals["io"] += time.perf_counter() - t_io
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy'] * 100:.2f}%")
+                if on_episode is not None:
+                    on_episode(rec)
+                if stop:
+                    raise KeyboardInterrupt
+    finally:
+        if bar is not None:
+            bar.close()
+    run_seconds = time.perf_counter() - t_loop
+    if best is None:  # resumed a finished checkpoint with fewer episodes: nothing ran, nothing saved
+        raise SearchError("no episode was run")
+
+    # ---- the best plan
+    plan = plan_from_dict(best["plan"], "search")
+    plan.model, plan.method, plan.budget = model, "ddpg", str(bud)
+    metrics = plan_metrics(plan, infos)
+    metrics[cost.metric] = cost.exact(plan)
+    if not bud.satisfied(metrics):  # cannot happen: every plan is enforced exactly
+        raise SearchError(f"internal error: the best plan does not meet {bud} ({metrics[cost.metric]})")
+    metrics["meets_budget"] = True
+    plan.metrics = metrics
+    n_done = max(ep, 1)
+    plan.meta = {"search": {
+        "algorithm": "ddpg", "episodes": ep, "seed": int(seed), "budget": str(bud), "w_bits": list(w_set),
+        "a_bits": list(a_set), "reward": reward, "val_samples": len(val), "finetune_steps": int(finetune_steps),
+        "best_episode": best["episode"], "best_reward": best["reward"], "val_accuracy": best["accuracy"],
+        "val_loss": best["loss"], "fp32_val_accuracy": evaluator.fp32_accuracy, "fp32_val_loss": evaluator.fp32_loss,
+        "seconds": prev_elapsed + run_seconds, "setup_seconds": setup_seconds,
+        "seconds_per_episode": {p: totals[p] / n_done for p in PHASES}, "agent": cfg.to_dict(),
+        "log": str(log_p) if log_p else None, "checkpoint": str(ckpt_p) if ckpt_p else None}}
+    if start > 0:
+        plan.meta["search"]["resumed_at"] = start
+    if out_p is not None:
+        plan.save(out_p)
+    return plan
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The agent's networks are tiny: several threads only add synchronisation (badly so on busy cores)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _episode(ep: int, env: QuantSearchEnv, agent: DDPG, evaluator: PlanEvaluator, bud: Budget, cfg: DDPGConfig):
+    t0 = time.perf_counter()
+    s = env.reset()
+    with _one_thread():
+        while s is not None:
+            s = env.step(agent.act(s, ep))
+    plan, info = env.finish()
+    eff = env.effective_actions()
+    states = env.states_for(eff)
+    t1 = time.perf_counter()
+    ev = evaluator(plan)
+    t2 = time.perf_counter()
+    R = ev["reward"]
+    L = env.L
+    for t in range(L):
+        nxt = states[t + 1] if t + 1 < L else np.zeros_like(states[t])
+        agent.observe(states[t], eff[t], R, nxt, t == L - 1)
+    agent.update_baseline(R)
+    losses = None
+    if ep >= cfg.warmup:
+        with _one_thread():
+            for _ in range(L * cfg.updates_per_step):
+                losses = agent.update() or losses
+    t3 = time.perf_counter()
+    m = plan_metrics(plan, env.infos)
+    rec = {"episode": ep, "reward": _round(R, 8), "accuracy": ev["accuracy"], "loss": _round(ev["loss"], 8),
+           "cost": _round(info["cost"], 8), "budget": str(bud),
+           "metrics": {k: _round(m[k], 6) for k in ("size_ratio", "avg_w_bits", "avg_a_bits", "bops_ratio")},
+           "w_ratios": info["w_ratios"], "a_ratios": info["a_ratios"], "demotions": info["demotions"],
+           "explore": "random" if ep < cfg.warmup else "noise",
+           "sigma": None if ep < cfg.warmup else _round(agent.sigma(ep)), "cached": ev["cached"],
+           "critic_loss": None if losses is None else _round(losses[0], 6),
+           "time": {"plan": t1 - t0, "quantize": ev["t_quantize"], "evaluate": ev["t_evaluate"],
+                    "update": t3 - t2}}
+    rec["time"] = {k: round(v, 5) for k, v in rec["time"].items()}
+    if not (math.isfinite(R)):
+        rec["reward"] = None
+    return rec, plan.to_dict()
+
+
+def _truncate_log(path: Path, keep: int) -> None:
+    """Keep the log's lines of episodes < keep (a fresh run keeps none)."""
+    if not path.exists():
+        if keep == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+        return
+    lines = []
+    if keep > 0:
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["episode"] < keep:
+                    lines.append(line)
+            except (ValueError, KeyError, TypeError):
+                break   # a torn last line from a killed process
+    write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _save_checkpoint(path: Path, config, episode, agent, best, totals, elapsed) -> None:
+    obj = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config, "episode": episode,
+           "agent": agent.state_dict(), "best": best, "times": totals, "elapsed": elapsed}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SearchError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                          f"delete it to start over") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise SearchError(f"{path} is not a cwhawq search checkpoint")
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise SearchError(f"checkpoint {path} has version {ck.get('version')}, this cwhawq reads {CHECKPOINT_VERSION}")
+    return ck

@@ -1,0 +1,303 @@
+"""Benchmarking through a real TVM RPC tracker and servers on 127.0.0.1, and latency tables.
+
+A module fixture starts ``python -m tvm.exec.rpc_tracker`` and two ``python -m tvm.exec.rpc_server
+--tracker ... --key board`` processes on random free ports (each server in its own process group,
+so that killing it kills its session process too), and tears them down afterwards. Boards that
+die or hang mid-measurement get servers of their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+pytest.importorskip("tornado")  # the tracker needs it
+
+from cwhawq.bench import BenchError, Remote, bench, parse_rpc, summarize  # noqa: E402
+from cwhawq.latency import (LatencyError, LatencyTable, act_digits, build_table, class_fractions,  # noqa: E402
+                            grid_points, interpolate, point_counts)
+
+pytestmark = pytest.mark.tvm
+HOST = "127.0.0.1"
+
+
+# ===================================================================================== cluster
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
+        self.port = _free_port()
+        self.tracker = self._spawn(["-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port", str(self.port),
+                                    "--port-end", str(self.port + 1), "--silent"], "tracker")
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection((HOST, self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or self.tracker.poll() is not None:
+                    raise RuntimeError("the RPC tracker did not start")
+                time.sleep(0.1)
+
+    def _spawn(self, args, name) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}-{len(self.procs)}.log", "w")
+        p = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def free(self, key: str) -> int:
+        from tvm import rpc
+
+        try:
+            return int(rpc.connect_tracker(HOST, self.port).summary()["queue_info"].get(key, {}).get("free", 0))
+        except Exception:  # noqa: BLE001
+            return 0
+
+    def server(self, key: str) -> subprocess.Popen:
+        before = self.free(key)
+        port = _free_port()
+        p = self._spawn(["-m", "tvm.exec.rpc_server", "--host", HOST, "--port", str(port), "--port-end",
+                         str(port + 1), "--tracker", f"{HOST}:{self.port}", "--key", key], f"server-{key}")
+        deadline = time.time() + 30
+        while self.free(key) <= before:
+            if time.time() > deadline or p.poll() is not None:
+                raise RuntimeError(f"RPC server {key} did not register")
+            time.sleep(0.2)
+        return p
+
+    @staticmethod
+    def signal(p: subprocess.Popen, sig) -> None:
+        try:
+            os.killpg(p.pid, sig)  # the server and its forked session process
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            self.signal(p, signal.SIGCONT)
+            self.signal(p, signal.SIGKILL)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("rpc"))
+    try:
+        c.server("board")
+        c.server("board")
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A two-layer model (.pt2), calibration data and its fp32 artifact (batch 1)."""
+    import torch
+    import torch.nn as nn
+
+    from cwhawq.backends.tvm import compile_model
+    from cwhawq.latency import fp32_onnx
+    from cwhawq.models import load_model, save_pt2
+
+    from conftest import write_npz
+
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    d = tmp_path_factory.mktemp("small")
+    torch.manual_seed(0)
+    save_pt2(Small().eval(), (1, 8, 8), d / "small.pt2")
+    write_npz(d / "data.npz", n=64, shape=(1, 8, 8))
+    fp32_onnx(load_model(str(d / "small.pt2")), d / "small.onnx")
+    compile_model(d / "small.onnx", "llvm", d / "small.so", batch=1)
+    return d
+
+
+# ===================================================================================== pure functions
+def test_stats_and_rpc_spec():
+    s = summarize([3.0, 1.0, 2.0, 4.0])
+    assert s["median_s"] == 2.5 and s["min_s"] == 1.0 and s["max_s"] == 4.0
+    assert 3.0 < s["p90_s"] <= 4.0 and s["stddev_s"] > 0
+    assert parse_rpc("10.0.0.1:9190", "rpi") == Remote("10.0.0.1", 9190, "rpi")
+    assert parse_rpc(None, None) is None
+    for spec, key in (("10.0.0.1", "k"), ("host:port", "k"), ("h:9190", None), (None, "k")):
+        with pytest.raises(BenchError):
+            parse_rpc(spec, key)
+
+
+def test_interpolation_is_exact_on_linear_costs():
+    grid = 2
+    f = lambda r8, r4: 3.0 * r8 + 2.0 * r4 + 1.0 * (1 - r8 - r4)  # noqa: E731
+    vals = {(i, j): f(i / grid, j / grid) for i, j in grid_points(grid)}
+    assert len(vals) == 6
+    for r8, r4 in ((1, 0), (0, 0), (0.3, 0.3), (0.75, 0.25), (0.1, 0.8), (1 / 3, 1 / 3)):
+        assert interpolate(vals, grid, r8, r4) == pytest.approx(f(r8, r4))
+    assert class_fractions([8, 6, 4, 3, 2, 2]) == pytest.approx((2 / 6, 2 / 6, 2 / 6))
+    assert point_counts((1, 0), 2, 5) == {8: 3, 4: 0, 2: 2} or point_counts((1, 0), 2, 5) == {8: 2, 4: 0, 2: 3}
+    assert sum(point_counts((1, 1), 2, 7).values()) == 7
+
+
+def test_act_digits_follow_the_kernels_rule():
+    # equal ranges, 8-bit unsigned: codes 0..255 fit one digit (offset 128)
+    assert act_digits([1.0, 1.0], False, [8, 8]) == 1
+    # ranges 1 and 1/2: exponent 1 on the wide channel, 255 << 1 needs two digits
+    assert act_digits([1.0, 0.5], False, [8, 8]) == 2
+    # the same ranges at 4 bits: 15 << 1 fits one digit
+    assert act_digits([1.0, 0.5], False, [4, 4]) == 1
+    assert act_digits([1.0], True, [8]) == 1
+
+
+def _toy_table() -> dict:
+    cells = {"1": [[i, j, 10.0 + 5 * i + 2 * j] for i, j in grid_points(1)],
+             "2": [[i, j, 20.0 + 5 * i + 2 * j] for i, j in grid_points(1)]}
+    return {"format": "cwhawq-latency-table", "version": 1, "model": "toy", "target": {"name": "llvm"},
+            "batch": 1, "where": "local", "grid": 1,
+            "fp32": {"model_s": 50.0, "layers_s": 40.0, "overhead_s": 10.0},
+            "shapes": {"s": {"fp32_s": 20.0, "cells": cells}},
+            "layers": [{"name": "a", "shape": "s", "a_signed": False, "a_ranges": [1.0, 1.0]},
+                       {"name": "b", "shape": "s", "a_signed": False, "a_ranges": [1.0, 0.5]}]}
+
+
+def test_latency_table_predict_ratio_and_cost_model():
+    from cwhawq.graph import LayerInfo
+    from cwhawq.plan import LayerPlan, Plan
+    from cwhawq.search.costs import make_cost_model
+    from cwhawq.plan import parse_budget
+
+    t = LatencyTable(_toy_table())
+    plan = Plan([LayerPlan("a", [8, 8, 8, 8], [8, 8]), LayerPlan("b", [2, 2, 4, 4], [8, 8])])
+    # a: D1 pure 8 -> 15; b: D2 half 4 / half 2 -> 20 + 0.5 * 2 = 21; + overhead 10
+    assert t.predict(plan) == pytest.approx(46.0)
+    assert t.ratio(plan) == pytest.approx(46.0 / 50.0)
+    infos = [LayerInfo(k, n, "conv", 2, 4, (3, 3), (1, 1), 1, (4, 2, 3, 3), 72, (2, 4, 4), (4, 4, 4), 1152)
+             for k, n in enumerate("ab")]
+    cm = make_cost_model(parse_budget("latency:0.9"), infos, latency=t.cost_model(infos))
+    assert cm.exact(plan) == pytest.approx(t.ratio(plan))
+    with pytest.raises(Exception, match="no entry"):
+        t.predict(Plan([LayerPlan("a", [8] * 4, [8, 8])]))
+    with pytest.raises(LatencyError):
+        LatencyTable({"format": "something else"})
+
+
+# ===================================================================================== through the tracker
+@pytest.mark.timeout(120)
+def test_bench_local_and_through_tracker(cluster, small):
+    from click.testing import CliRunner
+
+    from cwhawq.cli import cli
+
+    r = CliRunner().invoke(cli, ["bench", str(small / "small.so"), "--rpc", f"{HOST}:{cluster.port}", "--key",
+                                 "board", "--warmup", "2", "--repeat", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["where"] == str(Remote(HOST, cluster.port, "board")) and rep["board"].startswith("board@")
+    assert rep["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert 0 < rep["min_s"] <= rep["median_s"] <= rep["p90_s"] <= rep["max_s"] < 0.1
+    assert len(rep["results_s"]) == 5 and rep["stddev_s"] >= 0
+    # locally, and an .onnx file in onnxruntime, with the same statistics
+    for f in ("small.so", "small.onnx"):
+        r = CliRunner().invoke(cli, ["bench", str(small / f), "--repeat", "3", "--batch", "2", "--json"])
+        assert r.exit_code == 0, r.output
+        rep = json.loads(r.output.strip().splitlines()[-1])
+        assert rep["where"] == "local" and rep["median_s"] > 0
+    # a key no board registered with: a clear error at once
+    t0 = time.time()
+    with pytest.raises(BenchError, match="no board registered under key 'nokey'"):
+        bench(small / "small.so", remote=Remote(HOST, cluster.port, "nokey"), timeout=10)
+    assert time.time() - t0 < 8
+
+
+def _bench_and_signal(cluster, small, key, sig, number, timeout):
+    """Bench on a fresh server; ``sig`` its process group one second into the measurement."""
+    victim = cluster.server(key)
+    hit = {}
+
+    def on_step(label, step):
+        if step == "measure" and "t" not in hit:
+            def fire():
+                time.sleep(1.0)
+                hit["t"] = time.time()
+                cluster.signal(victim, sig)
+            threading.Thread(target=fire, daemon=True).start()
+
+    with pytest.raises(BenchError) as ei:
+        bench(small / "small.so", remote=Remote(HOST, cluster.port, key), warmup=5, repeat=10, number=number,
+              timeout=timeout, on_step=on_step)
+    assert "t" in hit, f"failed before the measurement: {ei.value}"
+    print(f"\n{key}: {time.time() - hit['t']:.1f} s after the signal: {ei.value}")
+    return str(ei.value), time.time() - hit["t"]
+
+
+@pytest.mark.timeout(90)
+def test_server_killed_mid_measurement(cluster, small):
+    # ~10 s of planned measurement; the board is killed 1 s in
+    msg, after = _bench_and_signal(cluster, small, "victim", signal.SIGKILL, number=100000, timeout=20)
+    assert "victim@" in msg and "measuring" in msg, msg
+    assert after < 10, f"error came {after:.1f} s after the kill"
+
+
+@pytest.mark.timeout(90)
+def test_server_hung_mid_measurement(cluster, small):
+    # a board that stops answering (SIGSTOP) is given up after timeout + 2 x the expected measurement
+    # (~3 s of planned measurement: the deadline is about 3 + 2 x 3 s after it starts)
+    msg, after = _bench_and_signal(cluster, small, "frozen", signal.SIGSTOP, number=30000, timeout=3)
+    assert "did not answer" in msg and "frozen@" in msg, msg
+    assert after < 25, f"error came {after:.1f} s after the board froze"
+
+
+@pytest.mark.timeout(240)
+def test_latency_table_on_two_boards_then_from_cache(cluster, small, tmp_path):
+    from click.testing import CliRunner
+
+    from cwhawq.cli import cli
+
+    cache = tmp_path / "cache"
+    remote = Remote(HOST, cluster.port, "board")
+    t = build_table(str(small / "small.pt2"), "llvm", tmp_path / "t.json", remote=remote, grid=1,
+                    data=str(small / "data.npz"), cache_dir=cache, repeat=3, min_repeat_ms=5, timeout=30)
+    st = t.data["stats"]
+    # conv (1 input channel: one digit variant) 3 points + fp32; linear 2 x 3 + fp32; whole fp32 model
+    assert st["measurements"] == 12 and st["measured"] == 12 and st["cached"] == 0
+    assert st["boards"] == 2, "both boards should have measured"
+    assert len(t.data["layers"]) == 2 and len(t.data["shapes"]) == 2
+    assert t.fp32_seconds > 0
+    from cwhawq.plan import LayerPlan, Plan
+
+    plan = Plan([LayerPlan("conv", [8, 8, 4, 2], [8]), LayerPlan("fc", [4, 4, 2], [8] * 256)])
+    assert 0 < t.predict(plan) < 1 and t.ratio(plan) > 0
+    assert LatencyTable.load(tmp_path / "t.json").predict(plan) == pytest.approx(t.predict(plan))
+    # second run (CLI), same model and target: everything from the cache, no board contacted
+    r = CliRunner().invoke(cli, ["latency-table", str(small / "small.pt2"), "--rpc", f"{HOST}:{cluster.port}",
+                                 "--key", "board", "--grid", "1", "--data", str(small / "data.npz"), "--cache",
+                                 str(cache), "--out", str(tmp_path / "t2.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["measured"] == 0 and summary["cached"] == 12
+    t2 = LatencyTable.load(tmp_path / "t2.json")
+    assert t2.predict(plan) == pytest.approx(t.predict(plan))
