@@ -2,7 +2,9 @@
 onnxruntime (fp32 MatMul and MatMulNBits int4), K = N = 4096 by default, batch 1 and 16.
 
 Every runtime runs in its own process, one after the other (TVM's thread pool spins after a call
-and slows anything else in the process), with the same number of threads (all cores). The
+and slows anything else in the process), with the same number of threads (all cores by default).
+Within a process the variants are timed in interleaved rounds and each reports its fastest round,
+which keeps the ratios meaningful on a machine shared with other work. The
 achieved bandwidth (weight bytes / time) is compared with a read-bandwidth measurement of a buffer
 the size of the weights, taken in the same run by a TVM kernel (parallel, vectorised loads).
 
@@ -12,7 +14,7 @@ dynamic per-block scales) and accumulate in int32 with AVX-512 VNNI where availa
 
 Usage::
 
-    python benchmarks/bench_gemv.py [--k 4096] [--n 4096] [--batches 1,16] [--json out.json] [--md out.md]
+    python benchmarks/bench_gemv.py [--k 4096] [--n 4096] [--batches 1,16] [--threads N] [--json out.json] [--md out.md]
 """
 from __future__ import annotations
 
@@ -56,7 +58,10 @@ def _linear_op(k, n, bits, seed=0):
     return LinearOp(k=k, n_out=n, groups=[grp], bias=np.zeros(n, np.float32), act=act)
 
 
-def _time_vm(mod, args, number, repeat=7):
+ROUNDS = 5  # interleaved rounds; each variant reports its fastest round (robust to other load)
+
+
+def _vm_timer(mod, args, number):
     import tvm
     from tvm import relax
 
@@ -67,8 +72,16 @@ def _time_vm(mod, args, number, repeat=7):
     vm = relax.VirtualMachine(ex, tvm.cpu())
     targs = [tvm.runtime.tensor(a) for a in args]
     vm["main"](*targs)
-    res = vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(*targs).results
-    return float(np.median(res))
+    f = vm.time_evaluator("main", tvm.cpu(), number=number, repeat=3)
+    return lambda: float(min(f(*targs).results))
+
+
+def _interleaved(timers: dict) -> dict:
+    best = {k: float("inf") for k in timers}
+    for _ in range(ROUNDS):
+        for k, t in timers.items():
+            best[k] = min(best[k], t())
+    return best
 
 
 def worker_tvm(args):
@@ -79,15 +92,19 @@ def worker_tvm(args):
 
     target = _tvm_target()
     isa = gemm.isa_for_target(target)
-    out = {"isa": isa}
     rng = np.random.default_rng(1)
     x = rng.normal(size=(args.batch, args.k)).astype(np.float32)
+    timers, nbytes = {}, {}
     for bits in (8, 4, 2, 32):
         op = _linear_op(args.k, args.n, bits)
-        sec = _time_vm(gemm.linear_module(op, isa, batch=args.batch), [x], number=50)
         name = f"tvm_ours_int{bits}" if bits != 32 else "tvm_ours_fp32"
-        out[name] = {"us": sec * 1e6, "weight_bytes": op.weight_bytes}
-    # TVM's own fp32 dense (relax matmul, legalised; our generic CPU rules schedule the rest)
+        timers[name] = _vm_timer(gemm.linear_module(op, isa, batch=args.batch), [x], number=20)
+        nbytes[name] = op.weight_bytes
+    out = {"isa": isa}
+    for k, sec in _interleaved(timers).items():
+        out[k] = {"us": sec * 1e6, "weight_bytes": nbytes[k]}
+    # TVM's own fp32 dense (relax matmul, legalised; our generic CPU rules schedule the rest): slow,
+    # timed once
     w = rng.normal(size=(args.k, args.n)).astype(np.float32)
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType([args.batch, args.k], "float32"))
@@ -95,8 +112,7 @@ def worker_tvm(args):
         with bb.dataflow():
             y = bb.emit_output(bb.emit(relax.op.matmul(xv, relax.const(w))))
         bb.emit_func_output(y)
-    sec = _time_vm(bb.get(), [x], number=3, repeat=3)
-    out["tvm_fp32_matmul"] = {"us": sec * 1e6, "weight_bytes": w.nbytes}
+    out["tvm_fp32_matmul"] = {"us": _vm_timer(bb.get(), [x], number=1)() * 1e6, "weight_bytes": w.nbytes}
     print(json.dumps(out))
 
 
@@ -108,7 +124,7 @@ def worker_bandwidth(args):
     from tvm.script.ir_builder import tirx as T
 
     target = _tvm_target()
-    out = {}
+    out, timers, sizes = {}, {}, {}
     for bits in (8, 4, 2, 32):
         nbytes = args.k * args.n * bits // 8
         chunks = nbytes // 4096  # 64 x 64-byte lines per task
@@ -131,8 +147,11 @@ def worker_bandwidth(args):
         lib = tvm.compile(tvm.IRModule({"bw": ib.get()}), target=target)
         b = tvm.runtime.tensor(np.ones((chunks, 64, 16), np.int32))
         o = tvm.runtime.tensor(np.zeros(chunks * 16, np.int32))
-        sec = float(np.median(lib.mod.time_evaluator("bw", tvm.cpu(), number=50, repeat=7)(b, o).results))
-        out[f"read_{bits}bit_weights"] = {"bytes": nbytes, "us": sec * 1e6, "GBps": nbytes / sec / 1e9}
+        f = lib.mod.time_evaluator("bw", tvm.cpu(), number=20, repeat=3)
+        timers[bits] = (lambda f=f, b=b, o=o: float(min(f(b, o).results)))
+        sizes[bits] = nbytes
+    for bits, sec in _interleaved(timers).items():
+        out[f"read_{bits}bit_weights"] = {"bytes": sizes[bits], "us": sec * 1e6, "GBps": sizes[bits] / sec / 1e9}
     print(json.dumps(out))
 
 
@@ -153,27 +172,34 @@ def worker_ort(args):
     a = rng.normal(size=(args.batch, args.k)).astype(np.float32)
     out = {}
 
-    def bench(model):
+    def timer(model):
         so = ort.SessionOptions()
-        so.intra_op_num_threads = os.cpu_count() or 1
+        so.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
         s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         for _ in range(10):
             s.run(None, {"a": a})
-        ts = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            for _ in range(50):
-                s.run(None, {"a": a})
-            ts.append((time.perf_counter() - t0) / 50)
-        return float(np.median(ts))
 
-    out["ort_fp32_matmul"] = {"us": bench(m) * 1e6, "weight_bytes": w.nbytes}
+        def run():
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    s.run(None, {"a": a})
+                best = min(best, (time.perf_counter() - t0) / 20)
+            return best
+        return run
+
+    timers = {"ort_fp32_matmul": timer(m)}
+    nbytes = {"ort_fp32_matmul": w.nbytes}
     for bs in (32, 128):
         q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(m.SerializeToString()), bits=4, block_size=bs,
                                  is_symmetric=True, accuracy_level=4)
         q.process()
-        qb = sum(t.raw_data.__len__() or 0 for t in q.model.model.graph.initializer)
-        out[f"ort_matmulnbits_int4_bs{bs}"] = {"us": bench(q.model.model) * 1e6, "weight_bytes": qb}
+        name = f"ort_matmulnbits_int4_bs{bs}"
+        timers[name] = timer(q.model.model)
+        nbytes[name] = sum(len(t.raw_data) for t in q.model.model.graph.initializer)
+    for k, sec in _interleaved(timers).items():
+        out[k] = {"us": sec * 1e6, "weight_bytes": nbytes[k]}
     print(json.dumps(out))
 
 
@@ -182,7 +208,8 @@ WORKERS = {"tvm": worker_tvm, "bandwidth": worker_bandwidth, "ort": worker_ort}
 
 def _sub(mode, a, batch):
     cmd = [sys.executable, __file__, "--worker", mode, "--k", str(a.k), "--n", str(a.n), "--batch", str(batch)]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ, TVM_NUM_THREADS=str(a.threads))
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{mode} worker failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -195,12 +222,13 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every runtime")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--md", help="write a markdown table here")
     args = ap.parse_args()
     if args.worker:
         return WORKERS[args.worker](args)
-    results = {"k": args.k, "n": args.n, "threads": os.cpu_count(), "batches": {}}
+    results = {"k": args.k, "n": args.n, "threads": args.threads, "batches": {}}
     lines = []
     for batch in (int(b) for b in args.batches.split(",")):
         bw = _sub("bandwidth", args, batch)
@@ -211,7 +239,7 @@ def main():
         results["batches"][batch] = {"isa": isa, "runtimes": rows, "bandwidth": bw}
         fp32 = min(rows["tvm_ours_fp32"]["us"], rows["tvm_fp32_matmul"]["us"])
         nbits = min(v["us"] for k, v in rows.items() if k.startswith("ort_matmulnbits"))
-        lines.append(f"\nK={args.k} N={args.n} batch {batch} ({os.cpu_count()} threads, isa {isa})")
+        lines.append(f"\nK={args.k} N={args.n} batch {batch} ({args.threads} thread(s), isa {isa})")
         lines.append("| runtime | us | weight MB | GB/s | vs best TVM fp32 | vs ORT MatMulNBits int4 |")
         lines.append("|---|---:|---:|---:|---:|---:|")
         for name, v in sorted(rows.items(), key=lambda kv: kv[1]["us"]):

@@ -162,9 +162,10 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
            calib_batches: int = 4, act_scale: str = "pow2", progress: bool = False, **options) -> "Plan":
     """DDPG search (``cwhawq search``): the best plan found under ``budget``, written to ``out``.
 
-    ``options``: agent hyperparameters (warmup, hidden, lr_actor, lr_critic, tau, discount, batch_size,
-    buffer_size, sigma, sigma_decay, sigma_min, baseline_alpha, updates_per_step), ``latency`` (a latency
-    cost model) and ``on_episode`` (callback per episode record). See docs/search.md.
+    ``options``: ``enforce``, ``action_margin``, agent hyperparameters (warmup, hidden, lr_actor, lr_critic,
+    tau, discount, batch_size, buffer_size, sigma, sigma_decay, sigma_min, init_action, baseline_alpha,
+    updates_per_step, greedy_every), ``latency`` (a latency cost model) and ``on_episode`` (callback per
+    episode record). See docs/search.md.
     """
     from .search import search as _search
 
@@ -176,7 +177,7 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
 
 
 def bench(artifact: str, device: str | None = None, rpc: str | None = None, key: str | None = None,
-          warmup: int = 5, repeat: int = 20, number: int = 0, batch: int = 1, timeout: float = 60.0,
+          warmup: int = 10, repeat: int = 100, number: int = 0, batch: int = 1, timeout: float = 60.0,
           log=None) -> dict:
     """Time a compiled artifact (an .onnx file: onnxruntime) here or on a board behind an RPC tracker
     (``rpc="HOST:PORT"``, ``key``): median, p90, min, stddev (seconds) and the input shapes."""
@@ -188,8 +189,8 @@ def bench(artifact: str, device: str | None = None, rpc: str | None = None, key:
 
 def latency_table(model: str, target: str = "llvm", out: str | None = None, rpc: str | None = None,
                   key: str | None = None, batch: int = 1, grid: int = 2, data="fashion-mnist",
-                  data_dir: str | None = None, cache_dir: str | None = None, checks=(), repeat: int = 10,
-                  timeout: float = 60.0, boards: int | None = None, log=None):
+                  data_dir: str | None = None, cache_dir: str | None = None, checks=(), repeat: int = 100,
+                  timeout: float = 60.0, boards: int | None = None, jobs: int | None = None, log=None):
     """Per-layer latency table of a model for a target (a :class:`cwhawq.latency.LatencyTable`, the
     cost model of ``latency:R`` budgets), measured here or on the boards behind an RPC tracker."""
     from .bench import parse_rpc
@@ -197,4 +198,4 @@ def latency_table(model: str, target: str = "llvm", out: str | None = None, rpc:
 
     return build_table(model, target, out, batch=batch, remote=parse_rpc(rpc, key), grid=grid, data=data,
                        data_dir=data_dir, cache_dir=cache_dir, checks=checks, repeat=repeat, timeout=timeout,
-                       max_boards=boards, log=log)
+                       max_boards=boards, jobs=jobs, log=log)

@@ -311,6 +311,8 @@ def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_co
               help="Very short QAT fine-tune (SGD steps) before each evaluation.")
 @click.option("--enforce", default="omega", show_default=True, type=click.Choice(["omega", "layers"]),
               help="Order in which over-budget plans are lowered (docs/search.md).")
+@click.option("--action-margin", default=0.0, show_default=True, type=click.FloatRange(0, 0.5, max_open=True),
+              help="Saturate actions within this margin of 0 and 1 (pure bit levels reachable).")
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(0), help="Random-action episodes.")
 @click.option("--hidden", default=300, show_default=True, type=click.IntRange(1))
 @click.option("--lr-actor", default=1e-4, show_default=True, type=float)
@@ -322,22 +324,26 @@ def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_co
 @click.option("--sigma", default=0.3, show_default=True, type=float, help="Initial exploration noise.")
 @click.option("--sigma-decay", default=0.985, show_default=True, type=float)
 @click.option("--baseline-alpha", default=0.1, show_default=True, type=float)
+@click.option("--greedy-every", default=0, show_default=True, type=click.IntRange(0),
+              help="N > 0: the first episode after warm-up and every N-th after it act without noise.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handled
 def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, resume, bits, a_bits, log, checkpoint,
-               checkpoint_every, val_samples, reward, finetune_steps, enforce, warmup, hidden, lr_actor, lr_critic, tau,
-               discount, batch_size, buffer_size, sigma, sigma_decay, baseline_alpha, as_json):
+               checkpoint_every, val_samples, reward, finetune_steps, enforce, action_margin, warmup, hidden,
+               lr_actor, lr_critic, tau, discount, batch_size, buffer_size, sigma, sigma_decay, baseline_alpha,
+               greedy_every, as_json):
     """DDPG search of a channel-wise mixed-precision plan for MODEL under --budget (docs/search.md)."""
     from . import api
 
     plan = api.search(model, data_spec, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed,
                       resume=resume, bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
                       checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
-                      finetune_steps=finetune_steps, enforce=enforce, progress=not as_json and sys.stderr.isatty(),
+                      finetune_steps=finetune_steps, enforce=enforce, action_margin=action_margin,
+                      progress=not as_json and sys.stderr.isatty(),
                       warmup=warmup,
                       hidden=hidden, lr_actor=lr_actor, lr_critic=lr_critic, tau=tau, discount=discount,
                       batch_size=batch_size, buffer_size=buffer_size, sigma=sigma, sigma_decay=sigma_decay,
-                      baseline_alpha=baseline_alpha)
+                      baseline_alpha=baseline_alpha, greedy_every=greedy_every)
     s, m = plan.meta["search"], plan.metrics
     summary = {"out": out, "episodes": s["episodes"], "best_episode": s["best_episode"],
                "val_accuracy": s["val_accuracy"], "fp32_val_accuracy": s["fp32_val_accuracy"],
@@ -371,10 +377,10 @@ def _with(options):
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
               help="Device to run on (default: the artifact's).")
 @_with(_rpc_options)
-@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0), help="Warm-up calls.")
-@click.option("--repeat", default=20, show_default=True, type=click.IntRange(1), help="Measurements.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(0), help="Warm-up calls.")
+@click.option("--repeat", default=100, show_default=True, type=click.IntRange(1), help="Measurements.")
 @click.option("--number", default=0, show_default=True, type=click.IntRange(0),
-              help="Calls averaged per measurement (0: enough for 50 ms).")
+              help="Calls averaged per measurement (0: enough for 1 ms).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1),
               help="Batch size for a symbolic batch dimension.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -394,7 +400,8 @@ def bench_cmd(artifact, device, rpc, key, timeout, warmup, repeat, number, batch
 @click.option("--target", default="llvm", show_default=True, help="Compilation target (as cwhawq compile).")
 @_with(_rpc_options)
 @click.option("--boards", default=None, type=click.IntRange(1), help="Use at most N boards (default: all free).")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1),
+              help="Batch size compiled and measured (DATA only calibrates activation ranges).")
 @click.option("--grid", default=2, show_default=True, type=click.IntRange(1, 8),
               help="Weight-mix grid: ratios of 8/4/2-bit channels in steps of 1/N.")
 @data_option
@@ -403,19 +410,20 @@ def bench_cmd(artifact, device, rpc, key, timeout, warmup, repeat, number, batch
               help="Measurement cache directory (default $CWHAWQ_CACHE or ~/.cache/cwhawq/latency).")
 @click.option("--check", "checks", multiple=True,
               help="Plan file (or uniform:W) to compile whole and compare with the prediction; repeatable.")
-@click.option("--repeat", default=10, show_default=True, type=click.IntRange(1), help="Measurements per cell.")
+@click.option("--repeat", default=100, show_default=True, type=click.IntRange(1), help="Measurements per cell.")
+@click.option("--jobs", default=None, type=click.IntRange(1), help="Compile processes (default 2).")
 @click.option("--out", required=True, help="Latency table JSON to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handled
 def latency_table_cmd(model, target, rpc, key, timeout, boards, batch, grid, data_spec, data_dir, cache_dir, checks,
-                      repeat, out, as_json):
+                      repeat, jobs, out, as_json):
     """Per-layer latency table of MODEL for a target: the cost model of latency:R budgets."""
     from . import api
     from .latency import table_text
 
     table = api.latency_table(model, target, out, rpc=rpc, key=key, batch=batch, grid=grid, data=data_spec,
                               data_dir=data_dir, cache_dir=cache_dir, checks=checks, repeat=repeat, timeout=timeout,
-                              boards=boards, log=lambda m: click.echo(m, err=True))
+                              boards=boards, jobs=jobs, log=lambda m: click.echo(m, err=True))
     emit(dict(table.summary(), out=out), as_json, table_text(table) + f"\n-> {out}")
 
 

@@ -153,10 +153,12 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     log.stage(f"CW-HAWQ DDPG search: {episodes} episodes, budget {cfg.budget}")
     from .search import search as ddpg_search
 
-    res = ddpg_search(cfg.model, data=cfg.data, sens=sens, budget=cfg.budget, episodes=episodes,
-                      out=str(out / "plans" / "cw-hawq.json"), seed=cfg.seed, workdir=str(out / "search"),
-                      progress=True, data_dir=cfg.data_dir)
-    plans["CW-HAWQ (DDPG)"] = res.plan if hasattr(res, "plan") else res
+    search_dir = out / "search"
+    search_dir.mkdir(exist_ok=True)
+    plans["CW-HAWQ (DDPG)"] = ddpg_search(cfg.model, data=cfg.data, sens=sens, budget=cfg.budget, episodes=episodes,
+                                          out=str(out / "plans" / "cw-hawq.json"), seed=cfg.seed,
+                                          data_dir=cfg.data_dir, log=str(search_dir / "log.jsonl"),
+                                          checkpoint=str(search_dir / "checkpoint.pt"), progress=True)
     log.cmd("plan CW-HAWQ (DDPG search)", "search", cfg.model, "--data", cfg.data, "--sens", out / "sens.json",
             "--budget", cfg.budget, "--episodes", episodes, "--seed", cfg.seed, "--out", out / "plans" / "cw-hawq.json")
 

@@ -47,10 +47,9 @@ OPSET_INT2 = 25         # INT2 / UINT2
 MAX_OPSET = 25          # the newest opset torch's exporter emits natively (and onnxruntime 1.32 runs)
 MIN_IR_VERSION = 10     # metadata_props on nodes and initializers
 
-_STORAGE = {8: TensorProto.INT8, 6: TensorProto.INT8, 4: TensorProto.INT4, 3: TensorProto.INT4,
-            2: TensorProto.INT2}
-_TYPE_OPSET = {TensorProto.INT8: MIN_OPSET, TensorProto.INT4: OPSET_INT4, TensorProto.INT2: OPSET_INT2}
-_TYPE_BITS = {TensorProto.INT8: 8, TensorProto.INT4: 4, TensorProto.INT2: 2}
+_INT2 = getattr(TensorProto, "INT2", None)  # onnx >= 1.20
+_STORAGE = {8: TensorProto.INT8, 6: TensorProto.INT8, 4: TensorProto.INT4, 3: TensorProto.INT4, 2: _INT2}
+_TYPE_OPSET = {TensorProto.INT8: MIN_OPSET, TensorProto.INT4: OPSET_INT4, _INT2: OPSET_INT2}
 
 # operators that act on each channel independently (data input first, any other input a constant)
 _UNARY_CHANNELWISE = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
@@ -68,10 +67,12 @@ def storage_type(bits: int, fmt: str = "qdq") -> int:
     """ONNX element type holding the codes of a ``bits``-bit weight group in format ``fmt``."""
     if fmt == "int8-container":
         return TensorProto.INT8
-    try:
-        return _STORAGE[int(bits)]
-    except KeyError:
-        raise ExportError(f"no ONNX container for {bits}-bit weights (bit-widths: {sorted(_STORAGE)})") from None
+    t = _STORAGE.get(int(bits))
+    if t is None:
+        if int(bits) == 2:
+            raise ExportError(f"onnx {onnx.__version__} has no INT2 type (onnx 1.20+); use --format int8-container")
+        raise ExportError(f"no ONNX container for {bits}-bit weights (bit-widths: {sorted(_STORAGE)})")
+    return t
 
 
 def required_opset(plan, fmt: str = "qdq") -> int:
@@ -148,7 +149,10 @@ def _sens_summary(entry: dict | None, w_idx=None) -> dict | None:
             continue
         a = np.asarray(tr, dtype=np.float64)
         if key == "weight" and w_idx is not None:
-            a = a[np.asarray(w_idx)]
+            idx = np.asarray(w_idx, dtype=np.int64)
+            if idx.size and idx.max() >= a.size:
+                return None  # a sensitivity file of another model
+            a = a[idx]
         if a.size:
             out[short] = {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max())}
     return out or None
@@ -192,7 +196,7 @@ def _torch_export(qm, input_shape, opset: int) -> onnx.ModelProto:
             keep = [e for e in p.metadata_props if not (e.key.startswith("pkg.torch") or e.key == "namespace")]
             del p.metadata_props[:]
             p.metadata_props.extend(keep)
-    if len(model.graph.output) == 1 and not model.graph.output[0].name.startswith("logits"):
+    if len(model.graph.output) == 1 and model.graph.output[0].name != "logits":
         _rename_tensor(model, model.graph.output[0].name, "logits")
     return model
 
@@ -683,6 +687,8 @@ def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset:
     t0 = time.time()
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: use {' or '.join(FORMATS)}")
+    if eval_split and not isinstance(data, str):
+        raise ExportError("eval_split needs a dataset spec, not a Dataset")
     if isinstance(model, str):
         if model.endswith(".onnx"):
             raise ExportError(f"{model}: export takes a PyTorch model (zoo:NAME or .pt2); an .onnx file "
@@ -719,7 +725,7 @@ def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset:
     try:
         sess = _ort_session(m.SerializeToString())
     except ExportError as exc:
-        if fmt != "qdq" or not any(t.data_type in (TensorProto.INT4, TensorProto.INT2) for t in m.graph.initializer):
+        if fmt != "qdq" or not any(t.data_type in (TensorProto.INT4, _INT2) for t in m.graph.initializer):
             raise
         # a runtime without INT4/INT2 DequantizeLinear: the same graph with INT8 containers
         import onnxruntime
@@ -740,10 +746,9 @@ def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset:
         "cwhawq.method": str(plan.method or ""),
         "cwhawq.search": json.dumps(plan.meta or {}),
         "cwhawq.accuracy": json.dumps((plan.metrics or {}).get("accuracy")),
-        "cwhawq.calibration": json.dumps({"data": data if isinstance(data, str) else getattr(data, "name", None),
-                                          "split": "train", "samples": None if not isinstance(data, str)
-                                          else calib_batches * 128, "seed": 1, "act_scale": act_scale,
-                                          "finetune_epochs": finetune_epochs}),
+        "cwhawq.calibration": json.dumps({"data": data if isinstance(data, str) else calib.name,
+                                          "split": calib.split, "samples": len(calib), "seed": 1,
+                                          "act_scale": act_scale, "finetune_epochs": finetune_epochs}),
     }
     for k, v in (meta or {}).items():
         model_meta[k if k.startswith("cwhawq.") else f"cwhawq.{k}"] = v if isinstance(v, str) else json.dumps(v)
@@ -758,8 +763,6 @@ def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset:
         from .data import load as load_data
         from .evaluate import predict
 
-        if not isinstance(data, str):
-            raise ExportError("eval_split needs a dataset spec")
         ds = load_data(data, eval_split, data_dir).subset(eval_limit)
         ref = predict(qm, ds, batch_size)
         got = _ort_logits(sess, ds.x, batch_size)
@@ -825,3 +828,23 @@ def summary_text(rep: dict) -> str:
         lines.append(f"warning: {rep['fallback']}")
     lines.append(f"-> {rep['out']}")
     return "\n".join(lines)
+
+
+def export_fp32(model, out, opset: int = 18) -> Path:
+    """The float model (BN folded, no quantization) as ONNX with a symbolic batch, written atomically.
+
+    The fp32 baseline of the same graph that :func:`export_onnx` writes, for onnxruntime and TVM
+    latency comparisons.
+    """
+    from .graph import qmodel_from_loaded
+    from .io import atomic_path
+    from .models import LoadedModel, load_model
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    qm = qmodel_from_loaded(loaded)
+    proto = _torch_export(qm, loaded.input_shape, opset)
+    _set_meta(proto, {"cwhawq.version": __version__, "cwhawq.model": loaded.spec, "cwhawq.format": "fp32"})
+    onnx.checker.check_model(proto)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+    return Path(out)

@@ -228,21 +228,69 @@ def _calibration(shape: LayerShape, digits: int):
     return Dataset(x, np.zeros(len(x), np.int64), "synthetic", "calibration")
 
 
-def single_layer_onnx(shape: LayerShape, counts: dict[int, int] | None, digits: int, out: Path) -> None:
-    """The one-layer model in our exported ONNX format (``counts`` None: fp32)."""
-    from .models import LoadedModel
+class OneLayerExporter:
+    """One-layer models of a shape in our exported ONNX format, written by the exporter.
 
-    module = single_layer_module(shape)
-    loaded = LoadedModel(f"layer:{shape.id}", module, tuple(shape.in_shape))
-    if counts is None:
-        fp32_onnx(loaded, out)
-        return
-    from .export import export_onnx
-    from .plan import LayerPlan, Plan
+    :func:`cwhawq.export.export_onnx` runs torch's ONNX exporter (seconds) on every call; here the
+    float graph is exported once per shape and opset and the exporter's own ``build_model`` writes
+    the quantized layer of each bit mix into a copy (the same steps export_onnx takes, without its
+    onnxruntime verification). Should those helpers change, ``export_onnx`` itself is used.
+    """
 
-    w_bits = [b for b in BIT_CLASSES for _ in range(counts[b])]
-    plan = Plan([LayerPlan("0", w_bits, [8] * shape.in_channels)], (2, 4, 8), method="latency-probe")
-    export_onnx(loaded, plan, out, data=_calibration(shape, digits), verify=0)
+    def __init__(self, shape: LayerShape):
+        from .graph import qmodel_from_loaded
+        from .models import LoadedModel
+
+        self.shape = shape
+        self.loaded = LoadedModel(f"layer:{shape.id}", single_layer_module(shape), tuple(shape.in_shape))
+        self.qm = qmodel_from_loaded(self.loaded)
+        self._float: dict[int, object] = {}
+
+    def _float_graph(self, opset: int):
+        from .export import _torch_export
+
+        if opset not in self._float:
+            self._float[opset] = _torch_export(self.qm, self.loaded.input_shape, opset)
+        return self._float[opset]
+
+    def write(self, counts: dict[int, int] | None, digits: int, out: Path) -> None:
+        """Write the one-layer model (``counts`` None: fp32) with ``digits``-digit activations."""
+        import onnx
+
+        from .io import atomic_path
+
+        if counts is None:
+            from .export import MIN_OPSET
+
+            model = self._float_graph(MIN_OPSET)
+        else:
+            from .plan import LayerPlan, Plan
+
+            name = self.qm.layer_infos[0].name
+            w_bits = [b for b in BIT_CLASSES for _ in range(counts[b])]
+            plan = Plan([LayerPlan(name, w_bits, [8] * self.shape.in_channels)], (2, 4, 8), method="latency-probe")
+            try:
+                model = self._quantized(plan, digits)
+            except (ImportError, AttributeError, TypeError):  # the exporter's internals moved: the slow way
+                from .export import export_onnx
+
+                export_onnx(self.loaded, plan, out, data=_calibration(self.shape, digits), verify=0)
+                return
+        with atomic_path(out) as tmp:
+            onnx.save_model(model, str(tmp))
+
+    def _quantized(self, plan, digits: int):
+        import copy
+
+        from .export import build_model, required_opset
+        from .quantize import quantize_model
+
+        plan.validate(self.qm.layer_infos)
+        sim = quantize_model(self.qm, plan, _calibration(self.shape, digits))
+        opset = required_opset(plan, "qdq")
+        model = copy.deepcopy(self._float_graph(opset))
+        build_model(model, self.qm, sim, "qdq", opset)
+        return model
 
 
 def fp32_onnx(loaded, out: Path) -> None:
@@ -485,18 +533,18 @@ def _check_plan_spec(spec, infos):
 def build_table(model: str, target: str = "llvm", out: str | Path | None = None, batch: int = 1,
                 remote: Remote | None = None, grid: int = DEFAULT_GRID, data="fashion-mnist",
                 data_dir: str | None = None, calib_batches: int = 4, cache_dir: str | Path | None = None,
-                checks=(), repeat: int = 10, min_repeat_ms: int = 20, warmup: int = 3,
-                timeout: float = 60.0, max_boards: int | None = None, log=None) -> LatencyTable:
+                checks=(), repeat: int = 100, min_repeat_ms: int = 1, warmup: int = 10,
+                timeout: float = 60.0, max_boards: int | None = None, jobs: int | None = None,
+                log=None) -> LatencyTable:
     """Build (or complete from the cache) the latency table of ``model`` for ``target``.
 
     ``checks``: plans (files, Plans or ``uniform:W``) compiled whole and measured to check the
-    prediction (``table.data["checks"]``). Measured on this machine (``remote=None``, one
-    measurement at a time, never while compiling) or on every free board behind the tracker
-    (compiling here while the boards measure).
+    prediction (``table.data["checks"]``). Everything is compiled first (``jobs`` processes, default
+    two), then measured: on this machine (``remote=None``, one measurement at a time) or on every
+    free board behind the tracker, in parallel.
     """
     from . import api
     from .backends.targets import resolve_target
-    from .backends.tvm import compile_model
     from .evaluate import check_input_shape
     from .graph import qmodel_from_loaded
     from .models import load_model
@@ -565,7 +613,7 @@ def build_table(model: str, target: str = "llvm", out: str | Path | None = None,
     meas = {"warmup": int(warmup), "repeat": int(repeat), "min_repeat_ms": int(min_repeat_ms)}
     tmp = Path(tempfile.mkdtemp(prefix="cwhawq-latency-"))
     pool = BoardPool(remote, timeout=timeout, max_boards=max_boards, log=log)
-    by_id = {}
+    by_id: dict[str, _Cell] = {}
 
     def finish(job_id, res):
         c = by_id.pop(job_id)
@@ -582,33 +630,18 @@ def build_table(model: str, target: str = "llvm", out: str | Path | None = None,
 
     try:
         with pool:
-            for k, c in enumerate(todo, 1):
-                onnx_path = tmp / f"{k}.onnx"
-                art = tmp / f"{k}.so"
-                if c is model_cell:
-                    fp32_onnx(loaded, onnx_path)
-                else:
-                    counts = None if c.point is None else point_counts(c.point, grid, c.shape.out_channels)
-                    single_layer_onnx(c.shape, counts, c.digits or 1, onnx_path)
-                res = compile_model(onnx_path, target, art, batch=batch)
-                onnx_path.unlink(missing_ok=True)
-                if c is not model_cell:
-                    lowered = res.report["lowered"]
-                    c.fields["_lowered"] = bool(lowered)
-                    if c.digits is not None and lowered:
-                        act = lowered[0].get("act") or {}
-                        got = act.get("digits") if act.get("integer") else 0
-                        if got != c.digits:
-                            raise LatencyError(f"internal: the one-layer model of {c.shape.describe()} compiled "
-                                               f"with {got} activation digit(s), expected {c.digits}")
+            # 1. compile everything (in ``jobs`` processes), 2. measure everything: a measurement
+            # never shares the CPU with a compilation
+            t0 = time.time()
+            arts = _compile_all(todo, model_cell, loaded, target, batch, grid, tmp, jobs, log)
+            if todo:
+                log(f"compiled {len(todo)} models in {time.time() - t0:.0f} s; measuring")
+            for k, (c, art) in enumerate(zip(todo, arts), 1):
                 job = make_job(art, ts.device, batch, remote=remote, label=f"[{k}/{len(todo)}] {c.label}", **meas)
                 by_id[str(art)] = c
-                if remote is None:
-                    finish(str(art), pool.run(job))
-                else:
-                    pool.submit(str(art), job)
-                    for jid, r in pool.collect():
-                        finish(jid, r)
+                pool.submit(str(art), job)
+                for jid, r in pool.collect():
+                    finish(jid, r)
             for jid, r in pool.drain():
                 finish(jid, r)
             table = _assemble(model, ts, batch, remote, grid, tool, meas, shapes, layers, cells, model_cell)
@@ -626,6 +659,77 @@ def build_table(model: str, target: str = "llvm", out: str | Path | None = None,
     if out:
         table.save(out)
     return table
+
+
+def _compile_shape(target: str, batch: int, shape: dict, items: list) -> list:
+    """Export and compile the cells of one layer shape (runs in a compile process).
+
+    ``items``: ``(counts or None, digits, onnx path, artifact path)``; returns ``(lowered, digits)``
+    per item, the digits the compiled kernel actually uses (0: float path, None: not lowered)."""
+    from .backends.tvm import compile_model
+
+    ex = OneLayerExporter(LayerShape.from_dict(shape))
+    out = []
+    for counts, digits, onnx_path, art in items:
+        ex.write(counts, digits, Path(onnx_path))
+        res = compile_model(onnx_path, target, art, batch=batch)
+        Path(onnx_path).unlink(missing_ok=True)
+        lowered = res.report["lowered"]
+        act = (lowered[0].get("act") or {}) if lowered else {}
+        out.append((bool(lowered), (act.get("digits") if act.get("integer") else 0) if lowered else None))
+    return out
+
+
+def _compile_all(todo, model_cell, loaded, target, batch, grid, tmp: Path, jobs, log) -> list[Path]:
+    """Compile every cell to be measured; returns the artifacts in ``todo`` order."""
+    from .backends.tvm import compile_model
+
+    arts = [tmp / f"{k}.so" for k in range(len(todo))]
+    groups: dict[str, list[int]] = {}
+    for k, c in enumerate(todo):
+        if c is not model_cell:
+            groups.setdefault(c.shape_id, []).append(k)
+    tasks = []
+    for sid, ks in groups.items():
+        shape = todo[ks[0]].shape
+        items = [(None if todo[k].point is None else point_counts(todo[k].point, grid, shape.out_channels),
+                  todo[k].digits or 1, str(tmp / f"{k}.onnx"), str(arts[k])) for k in ks]
+        tasks.append((sid, ks, shape, items))
+
+    def record(ks, shape, outs):
+        for k, (lowered, got) in zip(ks, outs):
+            c = todo[k]
+            c.fields["_lowered"] = lowered
+            if c.digits is not None and lowered and got != c.digits:
+                raise LatencyError(f"internal: the one-layer model of {shape.describe()} compiled with {got} "
+                                   f"activation digit(s), expected {c.digits}")
+        log(f"compiled {shape.describe()}: {len(ks)} model(s)")
+
+    jobs = max(1, int(jobs if jobs else min(2, os.cpu_count() or 1)))
+    if jobs == 1 or len(tasks) <= 1:
+        for sid, ks, shape, items in tasks:
+            record(ks, shape, _compile_shape(target, batch, shape.to_dict(), items))
+    else:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futs = {ex.submit(_compile_shape, target, batch, shape.to_dict(), items): (ks, shape)
+                    for sid, ks, shape, items in tasks}
+            try:
+                for fut in cf.as_completed(futs):
+                    ks, shape = futs[fut]
+                    record(ks, shape, fut.result())
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
+    if model_cell in todo:
+        k = todo.index(model_cell)
+        fp32_onnx(loaded, tmp / f"{k}.onnx")
+        compile_model(tmp / f"{k}.onnx", target, arts[k], batch=batch)
+        log("compiled the whole fp32 model")
+    return arts
 
 
 def _assemble(model, ts, batch, remote, grid, tool, meas, shapes, layers, cells, model_cell) -> LatencyTable:

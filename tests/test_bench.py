@@ -301,3 +301,25 @@ def test_latency_table_on_two_boards_then_from_cache(cluster, small, tmp_path):
     assert summary["measured"] == 0 and summary["cached"] == 12
     t2 = LatencyTable.load(tmp_path / "t2.json")
     assert t2.predict(plan) == pytest.approx(t.predict(plan))
+
+
+def test_one_layer_models_are_what_export_onnx_writes(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from cwhawq.export import export_onnx
+    from cwhawq.latency import BIT_CLASSES, LayerShape, OneLayerExporter, _calibration
+    from cwhawq.plan import LayerPlan, Plan
+
+    shp = LayerShape("conv", (4, 6, 6), 8, (3, 3), (2, 2), (1, 1), (1, 1), 1, False)
+    counts = {8: 4, 4: 2, 2: 2}
+    ex = OneLayerExporter(shp)
+    ex.write(counts, 2, tmp_path / "fast.onnx")
+    plan = Plan([LayerPlan("0", [b for b in BIT_CLASSES for _ in range(counts[b])], [8] * 4)], (2, 4, 8))
+    export_onnx(ex.loaded, plan, tmp_path / "ref.onnx", data=_calibration(shp, 2), verify=0)
+    a, b = onnx.load(str(tmp_path / "fast.onnx")), onnx.load(str(tmp_path / "ref.onnx"))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    ia = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    ib = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)
+    assert a.opset_import[0].version == b.opset_import[0].version

@@ -364,6 +364,7 @@ def test_cli_export_pt2(tmp_path):
 
 
 # ===================================================================================== zoo models
+@pytest.mark.slow
 @needs_fmnist
 def test_lenet_folded_and_accuracy(tmp_path):
     """LeNet, 2..8 bits: every permutation but the last folds (through ReLU, MaxPool, flatten);
@@ -391,6 +392,7 @@ def test_lenet_folded_and_accuracy(tmp_path):
     assert len(fc1_2.raw_data) == (int(np.prod(fc1_2.dims)) * 2 + 7) // 8
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_resnet20_int8_container_opset17(tmp_path):
     from cwhawq.models import load_model

@@ -40,10 +40,11 @@ def setup(tmp_path_factory):
     return {"dir": d, "model": model, "data": data, "sens": sens_path, "sens_d": sens, "infos": qm.layer_infos}
 
 
-def _env(setup, budget, a_bits=(8,), enforce="omega", latency=None):
+def _env(setup, budget, a_bits=(8,), enforce="omega", latency=None, margin=0.0):
     bud = parse_budget(budget)
     cost = make_cost_model(bud, setup["infos"], latency)
-    return QuantSearchEnv(setup["infos"], setup["sens_d"], bud, cost, (2, 4, 8), a_bits, enforce=enforce)
+    return QuantSearchEnv(setup["infos"], setup["sens_d"], bud, cost, (2, 4, 8), a_bits, enforce=enforce,
+                          action_margin=margin)
 
 
 def _rollout(env, actions):
@@ -81,11 +82,12 @@ def test_stick_breaking_mapping():
 
 
 # ------------------------------------------------------------------------------ budget enforcement
-@pytest.mark.parametrize("budget,a_bits,enforce", [
-    ("bits:3", (8,), "omega"), ("bits:2.5", (8,), "layers"), ("size:0.1", (8,), "omega"),
-    ("bops:0.02", (2, 4, 8), "omega"), ("bops:0.02", (2, 4, 8), "layers"), ("size:0.09", (4, 8), "omega")])
-def test_every_plan_meets_the_budget(setup, budget, a_bits, enforce):
-    env = _env(setup, budget, a_bits, enforce)
+@pytest.mark.parametrize("budget,a_bits,enforce,margin", [
+    ("bits:3", (8,), "omega", 0.0), ("bits:2.5", (8,), "layers", 0.0), ("size:0.1", (8,), "omega", 0.0),
+    ("bops:0.02", (2, 4, 8), "omega", 0.0), ("bops:0.02", (2, 4, 8), "layers", 0.0),
+    ("size:0.09", (4, 8), "omega", 0.0), ("bops:0.02", (2, 4, 8), "omega", 0.05)])
+def test_every_plan_meets_the_budget(setup, budget, a_bits, enforce, margin):
+    env = _env(setup, budget, a_bits, enforce, margin=margin)
     bud = parse_budget(budget)
     rng = np.random.default_rng(1)
     for trial in range(25):
@@ -116,6 +118,14 @@ def test_under_budget_plans_are_kept(setup):
     plan, info = env.finish()
     assert info["demotions"] == 0
     assert all(set(lp.w_bits) == {8} for lp in plan.layers)
+    # with an end margin, actions near the ends give pure levels
+    env = _env(setup, "bits:8", margin=0.05)
+    _rollout(env, [np.full(env.action_dim, 0.96)] * env.L)
+    plan, _ = env.finish()
+    assert all(set(lp.w_bits) == {8} for lp in plan.layers)
+    _rollout(env, [np.full(env.action_dim, 0.04)] * env.L)
+    plan, _ = env.finish()
+    assert all(set(lp.w_bits) == {2} for lp in plan.layers)
 
 
 def test_states_are_normalised(setup):
@@ -137,7 +147,8 @@ def test_budget_errors(setup):
     bad = json.loads(json.dumps(setup["sens_d"]))
     bad["layers"][0]["weight"]["trace"] = bad["layers"][0]["weight"]["trace"][:-1]
     with pytest.raises(SensitivityError, match="another model"):
-        QuantSearchEnv(setup["infos"], bad, parse_budget("bits:3"), make_cost_model(parse_budget("bits:3"), setup["infos"]))
+        bud = parse_budget("bits:3")
+        QuantSearchEnv(setup["infos"], bad, bud, make_cost_model(bud, setup["infos"]))
 
 
 def test_latency_model_can_be_plugged_in(setup):
@@ -182,6 +193,7 @@ def _lines(path):
     for line in open(path).read().splitlines():
         d = json.loads(line)
         d.pop("time")
+        d.pop("cached")   # the evaluation cache lives in the process: a resumed run starts it empty
         out.append(d)
     return out
 
@@ -206,7 +218,7 @@ def test_search_is_deterministic_and_meets_budget(setup):
 
 def test_resume_after_a_crash_gives_the_same_plan(setup):
     d = setup["dir"]
-    common = dict(sens=setup["sens"], budget="bops:0.03", a_bits="mixed", seed=2, **FAST)
+    common = dict(sens=setup["sens"], budget="bops:0.03", a_bits="mixed", seed=2, greedy_every=3, **FAST)
     ref = search(setup["model"], setup["data"], out=str(d / "ref.json"), **common)
 
     class Crash(Exception):
@@ -222,6 +234,7 @@ def test_resume_after_a_crash_gives_the_same_plan(setup):
     res = search(setup["model"], setup["data"], out=str(d / "r.json"), resume=True, **common)
     assert [lp.to_dict() for lp in res.layers] == [lp.to_dict() for lp in ref.layers]
     assert _lines(d / "r.jsonl") == _lines(d / "ref.jsonl")
+    assert [r["explore"] for r in _lines(d / "r.jsonl")] == ["random"] * 2 + ["greedy", "noise", "noise", "greedy"]
     assert res.meta["search"]["resumed_at"] == 4
     # a finished search can be extended: 6 + 2 episodes == 8 from scratch
     more = dict(common, episodes=8)

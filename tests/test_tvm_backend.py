@@ -409,6 +409,43 @@ def test_aarch64_cross_compile(tmp, backend):
 
     with tarfile.open(tar.artifact) as tf:
         assert any(n.endswith(".o") for n in tf.getnames())
+    # run both ARM artifacts under qemu-user with the native runner and aarch64 TVM runtime libraries
+    rt = Path(os.environ.get("CWHAWQ_AARCH64_TVM_RUNTIME", Path.home() / ".cache/cwhawq/aarch64-runtime"))
+    if shutil.which("qemu-aarch64") is None or not (rt / "libtvm_runtime.so").exists():
+        pytest.skip("qemu-aarch64 or the aarch64 TVM runtime libraries (CWHAWQ_AARCH64_TVM_RUNTIME) are missing")
+    from cwhawq.backends.native import build_runner
+
+    runner = build_runner(tmp / "cwhawq_run_arm64", [str(rt)], cxx="aarch64-linux-gnu-g++")
+    x = np.random.default_rng(12).normal(size=(2, 3, 9, 9)).astype(np.float32)
+    x.tofile(tmp / "xa.bin")
+    (ref,) = ort_run(m, {"x": x})
+    for tgt in ("aarch64", "aarch64-dotprod"):
+        r = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", "max", str(runner),
+                            str(tmp / f"{tgt}.so"), "cpu", str(tmp / f"ya_{tgt}.bin"), str(tmp / "xa.bin"), "2x3x9x9"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(r.stdout.splitlines()[0]) == [[2, 10]]
+        _close(np.fromfile(tmp / f"ya_{tgt}.bin", np.float32).reshape(ref.shape), ref)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+def test_native_runner_matches_python(tmp, backend):
+    """The Python-free runner (C++ over TVM's runtime libraries) gives the same outputs."""
+    from cwhawq.backends.native import build_runner
+
+    m = mixed_cnn("qdq", seed=13)
+    p = tmp / "native.onnx"
+    onnx.save(m, str(p))
+    res = backend.compile_model(p, "llvm", tmp / "native.so")
+    runner = build_runner(tmp / "cwhawq_run")
+    x = np.random.default_rng(14).normal(size=(3, 3, 9, 9)).astype(np.float32)
+    x.tofile(tmp / "xn.bin")
+    r = subprocess.run([str(runner), str(res.artifact), "cpu", str(tmp / "yn.bin"), str(tmp / "xn.bin"), "3x3x9x9",
+                        "--repeat", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "median_ms" in r.stdout
+    y = np.fromfile(tmp / "yn.bin", np.float32).reshape(3, 10)
+    np.testing.assert_array_equal(y, backend.run_artifact(res.artifact, {"x": x})[0])
 
 
 def test_cuda_export_without_gpu(tmp, backend):

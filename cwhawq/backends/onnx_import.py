@@ -537,29 +537,41 @@ class _Lowerer:
             groups.append(WeightGroup(out_index=out_index, scale=np.ones(cout, np.float32),
                                       float_data=packing.pack_float_weight(mat), plan_bits=32))
         else:
-            kp = packing.padded_k(k)
-            mats, outs, scales, sbits, pbits = [], [], [], [], []
+            outs, scales, sbits, pbits, codes = [], [], [], [], []
             pos = 0
             for q, s, bmeta in wsrc[1]:
                 nb = q.shape[0]
+                codes.append(q)
+                outs.append(out_index[pos:pos + nb])
+                scales.append(s)
+                sbits.append(packing.storage_bits_for_range(int(q.min()), int(q.max())) if q.size else 2)
+                pbits.append(bmeta)
+                pos += nb
+            runs = packing.merge_groups([q.shape[0] for q in codes], sbits, packing.padded_k(k))
+            run_bits = [max(sbits[i] for i in run) for run in runs]
+            if kind == "conv":
+                # channels per tap: whole packed records (4 codes x codes per byte) of the widest packing
+                unit = 4 * max(packing.pack_factor(b) for b in run_bits)
+                cp = -(-cin // unit) * unit
+                k = kh * kw * cp
+                conv["cp"] = cp
+            kp = packing.padded_k(k)
+            for run, rb in zip(runs, run_bits):
+                # rows in output-channel order: runs of consecutive channels become vector stores
+                # (depthwise rows keep the ONNX order, which decides the input channel they read)
+                oi = np.concatenate([outs[i] for i in run]).astype(np.int32)
+                order = np.argsort(oi, kind="stable") if kind != "depthwise" else np.arange(len(oi))
+                q = np.concatenate([codes[i] for i in run])
                 if kind == "conv":
                     from ..kernels.conv import conv_weight_matrix  # noqa: PLC0415
 
                     mat = conv_weight_matrix(q, cp)
                 else:
-                    mat = q.reshape(nb, -1)
-                mats.append(mat)
-                outs.append(out_index[pos:pos + nb])
-                scales.append(s)
-                sbits.append(packing.storage_bits_for_range(int(mat.min()), int(mat.max())) if mat.size else 2)
-                pbits.append(bmeta)
-                pos += nb
-            for run in packing.merge_groups([m.shape[0] for m in mats], sbits, kp):
-                mat = np.concatenate([mats[i] for i in run])
+                    mat = q.reshape(q.shape[0], -1)
                 plan_b = {pbits[i] for i in run}
-                groups.append(WeightGroup(out_index=np.concatenate([outs[i] for i in run]).astype(np.int32),
-                                          scale=np.concatenate([scales[i] for i in run]).astype(np.float32),
-                                          packed=packing.pack_weight(mat, bits=max(sbits[i] for i in run), k_padded=kp),
+                groups.append(WeightGroup(out_index=oi[order],
+                                          scale=np.concatenate([scales[i] for i in run]).astype(np.float32)[order],
+                                          packed=packing.pack_weight(mat[order], bits=rb, k_padded=kp),
                                           plan_bits=plan_b.pop() if len(plan_b) == 1 else None))
         try:
             op = LinearOp(k=k, n_out=cout, groups=groups, bias=bias, act=act, relu=relu,
@@ -726,8 +738,28 @@ def check_supported(model: onnx.ModelProto) -> None:
         raise CompileError(f"unsupported ONNX operator: {first}{more}")
 
 
+def _unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose nodes all have distinct names (the lowering identifies nodes by name)."""
+    names = [n.name for n in model.graph.node]
+    if all(names) and len(set(names)) == len(names):
+        return model
+    m = copy.deepcopy(model)
+    seen: set[str] = set()
+    for i, n in enumerate(m.graph.node):
+        if not n.name or n.name in seen:
+            base = n.name or f"{n.op_type}_{n.output[0] if n.output else i}"
+            name, j = base, 0
+            while name in seen:
+                j += 1
+                name = f"{base}_{j}"
+            n.name = name
+        seen.add(n.name)
+    return m
+
+
 def analyze(model: onnx.ModelProto, kernels: bool = True, fp32_kernels: bool = True) -> ImportResult:
     """Find and pack the lowerable layers and rewrite the graph (see the module docstring)."""
+    model = _unique_node_names(model)
     meta = {p.key: p.value for p in model.metadata_props}
     inits = {t.name for t in model.graph.initializer}
     graph_inputs = [v for v in model.graph.input if v.name not in inits]
@@ -747,7 +779,6 @@ def analyze(model: onnx.ModelProto, kernels: bool = True, fp32_kernels: bool = T
 # ===================================================================================== relax
 def to_relax(result: ImportResult, isa: str, batch: int | None = None):
     """Import the rewritten graph into a Relax IRModule with the packed kernels in place."""
-    import tvm  # noqa: PLC0415
     from tvm import relax, tirx  # noqa: PLC0415
     from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter  # noqa: PLC0415
 
@@ -787,7 +818,7 @@ def to_relax(result: ImportResult, isa: str, batch: int | None = None):
         raise
     except Exception as exc:  # noqa: BLE001 - the importer raises many exception types
         raise CompileError(f"TVM's ONNX importer failed: {_line(exc)}") from None
-    return relax.transform.DeadCodeElimination()(mod) if hasattr(relax.transform, "DeadCodeElimination") else mod
+    return relax.transform.DeadCodeElimination()(mod)
 
 
 def _static(v):

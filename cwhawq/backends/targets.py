@@ -29,7 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CompileError
@@ -60,7 +60,6 @@ class TargetSpec:
     name: str
     config: dict
     cross_compiler: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -100,7 +99,7 @@ def host_cpu_config() -> dict:
     """The compiling machine's CPU as a TVM llvm target config."""
     from tvm.target import codegen  # noqa: PLC0415
 
-    cfg = {"kind": "llvm"}
+    cfg = {"kind": "llvm", "num-cores": max(1, os.cpu_count() or 1)}
     try:
         cpu = codegen.llvm_get_system_cpu()
         if cpu and cpu != "generic":
@@ -175,12 +174,10 @@ def check_toolchain(ts: TargetSpec, artifact_format: str) -> None:
         raise CompileError(
             f"cross compiler {ts.cross_compiler} not found (needed to link a .so for {ts.name}; "
             "install g++-aarch64-linux-gnu, or write a .tar to link on the board)")
-    if ts.kind == "cuda" and shutil.which("nvcc") is None and not _nvrtc_available():
+    if ts.kind == "cuda" and shutil.which("nvcc") is None:
+        # the artifact must hold a GPU binary: TVM compiles CUDA with nvcc here (its NVRTC path
+        # needs a driver)
         raise CompileError("CUDA target needs nvcc (CUDA toolkit) on PATH to build GPU binaries")
-
-
-def _nvrtc_available() -> bool:
-    return False  # the artifact must hold a GPU binary; TVM's nvrtc path needs a driver here
 
 
 def cross_fcompile(ts: TargetSpec):

@@ -64,8 +64,10 @@ def _artifact_format(out: Path) -> str:
 
 
 # ===================================================================================== build
-def cpu_pipeline(target, database_dir: str | None = None):
-    """Relax CPU pipeline: TVM's default passes plus schedules for every unscheduled operator."""
+def cpu_pipeline(target, database_dir: str | None = None, tune_trials: int = 0, log=None):
+    """Relax CPU pipeline: TVM's default passes plus schedules for every unscheduled operator;
+    with ``database_dir``, MetaSchedule records (tuned first when ``tune_trials`` > 0) override
+    our rules for the operators they cover."""
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
@@ -77,6 +79,8 @@ def cpu_pipeline(target, database_dir: str | None = None):
         with target:
             passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
             if database_dir:
+                if tune_trials > 0:
+                    passes.append(_tune_pass(target, database_dir, tune_trials, log))
                 passes.append(relax.transform.MetaScheduleApplyDatabase(database_dir))
             passes.append(apply_cpu_schedules())
             passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
@@ -86,74 +90,83 @@ def cpu_pipeline(target, database_dir: str | None = None):
 
 
 def tune_database_dir(ts: TargetSpec) -> Path:
+    """The persistent tuning database of a target (``$CWHAWQ_TUNE_DIR`` or the user cache)."""
     base = os.environ.get("CWHAWQ_TUNE_DIR")
-    if base:
-        return Path(base)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = Path(base) if base else Path(cache) / "cwhawq" / "tune"
     key = hashlib.sha256(json.dumps(ts.config, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache) / "cwhawq" / "tune" / key
+    return root / key
 
 
-def tune(mod, ts: TargetSpec, trials: int, log=None) -> str:
-    """MetaSchedule the operators our kernels do not cover; records go to a persistent database.
+def _tune_pass(target, work_dir: str, trials: int, log=None):
+    """MetaSchedule the operators our kernels do not cover (ours are already scheduled), skipping
+    those already in the database, so recompiling reuses earlier tuning."""
+    import tvm  # noqa: PLC0415
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
 
-    Our kernels are already scheduled and excluded. Tuning is incremental: functions already in
-    the database are skipped, so recompiling the same model reuses earlier work.
+    @tvm.transform.module_pass(opt_level=0, name="CwhawqTune")
+    def _tune(mod, _ctx):
+        db = ms.database.JSONDatabase(work_dir=work_dir)
+        tasks = ms.relax_integration.extract_tasks(mod, target)
+        todo, cached = [], 0
+        for t in tasks:
+            f = t.dispatched[0]["main"]
+            if f.attrs is not None and f.attrs.get("tirx.is_scheduled", False):
+                continue
+            if db.has_workload(t.dispatched[0]):
+                cached += 1
+                continue
+            todo.append(t)
+        if log:
+            log(f"tuning {len(todo)} operator(s) x {trials} trials ({cached} cached) in {work_dir}")
+        if todo:
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir)
+            timeout = float(os.environ.get("CWHAWQ_TUNE_TIMEOUT", "120"))
+            ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=work_dir,
+                               max_trials_global=trials * len(todo), max_trials_per_task=trials,
+                               num_trials_per_iter=min(trials, 64), database=db,
+                               builder=ms.builder.LocalBuilder(timeout_sec=timeout),
+                               runner=ms.runner.LocalRunner(timeout_sec=timeout))
+        return mod
+
+    return _tune
+
+
+def build(mod, ts: TargetSpec, tune_trials: int = 0, log=None):
+    """Compile a Relax IRModule for the target; returns the VM executable.
+
+    With ``tune_trials`` > 0 the operators outside our kernels are tuned (those already in the
+    target's database are reused) and the database is applied; tuning measures on this machine,
+    so it needs the target's hardware here.
     """
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
-    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
-    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
 
     target = ts.tvm_target()
-    work = tune_database_dir(ts)
-    work.mkdir(parents=True, exist_ok=True)
-    with target:
-        lowered = tvm.transform.Sequential(cpu.legalize_passes(target))(mod) if ts.device == "cpu" else \
-            tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                                      relax.transform.FoldConstant(), relax.transform.FuseOps(),
-                                      relax.transform.FuseTIR()])(mod)
-    funcs = {}
-    for gv, f in lowered.functions_items():
-        if isinstance(f, tvm.tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_scheduled", False)):
-            funcs[gv.name_hint] = f
-    if not funcs:
-        return str(work)
-    db = ms.database.JSONDatabase(path_workload=str(work / "database_workload.json"),
-                                  path_tuning_record=str(work / "database_tuning_record.json"))
-    todo = {}
-    for name, f in funcs.items():
-        m = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
-        if not db.has_workload(m):
-            todo[name] = m
-    if log:
-        log(f"tuning {len(todo)} of {len(funcs)} operators ({trials} trials each; "
-            f"{len(funcs) - len(todo)} cached) in {work}")
-    for name, m in todo.items():
-        try:
-            ms.tir_integration.tune_tir(m, target, str(work / "runs" / name), max_trials_global=trials,
-                                        num_trials_per_iter=min(trials, 16), database=db)
-        except Exception as exc:  # noqa: BLE001 - an untunable operator keeps its default schedule
-            if log:
-                log(f"  {name}: not tuned ({onnx_import._line(exc)})")
-    return str(work)
+    db_dir = tune_database_dir(ts)
+    if tune_trials > 0:
+        if ts.is_cross:
+            raise CompileError(f"--tune measures on this machine; it cannot tune for {ts.name} (cross target)")
+        if ts.device == "cuda":
+            from .targets import has_cuda_driver  # noqa: PLC0415
 
-
-def build(mod, ts: TargetSpec, database_dir: str | None = None):
-    """Compile a Relax IRModule for the target; returns the VM executable."""
-    import tvm  # noqa: PLC0415
-    from tvm import relax  # noqa: PLC0415
-
-    target = ts.tvm_target()
+            if not has_cuda_driver():
+                raise CompileError("--tune for CUDA needs a GPU on this machine")
+        db_dir.mkdir(parents=True, exist_ok=True)
+    use_db = str(db_dir) if tune_trials > 0 else None
     try:
         if ts.device == "cuda":
             with _env("TVM_CUDA_COMPILE_MODE", "nvcc"), target:
                 pipeline = relax.get_default_pipeline(target)
-                if database_dir:
-                    pipeline = tvm.transform.Sequential([relax.transform.MetaScheduleApplyDatabase(database_dir),
-                                                         pipeline])
+                if use_db:
+                    pre = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                           relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+                    if tune_trials > 0:
+                        pre.append(_tune_pass(target, use_db, tune_trials, log))
+                    pre.append(relax.transform.MetaScheduleApplyDatabase(use_db))
+                    pipeline = tvm.transform.Sequential(pre + [pipeline])
                 return tvm.compile(mod, target=target, relax_pipeline=pipeline)
-        return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, database_dir))
+        return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, use_db, tune_trials, log))
     except CwhawqError:
         raise
     except Exception as exc:  # noqa: BLE001 - TVM build errors
@@ -231,8 +244,7 @@ def compile_model(onnx_path: str | Path, target: str = "llvm", out: str | Path |
     isa = isa_for_target(tvm_target)
     result = onnx_import.analyze(model, kernels=kernels)
     mod = onnx_import.to_relax(result, isa, batch)
-    db_dir = tune(mod, ts, tune_trials, log) if tune_trials > 0 else None
-    ex = build(mod, ts, db_dir)
+    ex = build(mod, ts, tune_trials, log)
     report = result.report()
     outputs = result.outputs
     rio = _relax_io(mod)
@@ -255,7 +267,8 @@ def compile_model(onnx_path: str | Path, target: str = "llvm", out: str | Path |
         "source": {"file": onnx_path.name, "sha256": _sha256(onnx_path)},
         "plan": _plan_summary(result.metadata),
         "lowering": report,
-        "tuning": {"trials_per_operator": tune_trials, "database": db_dir} if tune_trials else None,
+        "tuning": {"trials_per_operator": tune_trials, "database": str(tune_database_dir(ts))}
+        if tune_trials else None,
     }
     _write_atomically(ex, ts, fmt, out, manifest)
     return CompileResult(out, manifest_path(out), manifest, report)

@@ -121,11 +121,13 @@ class ConvGeom:
         return self.kh * self.kw
 
 
-def channel_pad(cin: int, mode: str) -> int:
-    """Channels per tap as stored: a multiple of 16 for packed weights (whole records per tap)."""
-    if mode == "fp32":
+def channel_pad(cin: int, storage_bits: list[int] | None) -> int:
+    """Channels per tap as stored: whole packed records (4 codes x codes per byte of the widest
+    packing among the layer's groups) so no record straddles two taps; fp32 (None): ``cin``."""
+    if not storage_bits:
         return cin
-    return packing.padded_k(cin)
+    unit = 4 * max(packing.pack_factor(b) for b in storage_bits)
+    return -(-cin // unit) * unit
 
 
 def conv_weight_matrix(codes_or_w: np.ndarray, cp: int) -> np.ndarray:
@@ -439,7 +441,6 @@ def conv_op_from_codes(name: str, geom: ConvGeom, groups: list[tuple[np.ndarray,
 
     Returns the op and the geometry with its stored channel padding.
     """
-    mode_int_or_float = "int"
     if geom.depthwise:
         k = geom.taps
         kp = packing.padded_k(k)
@@ -454,14 +455,15 @@ def conv_op_from_codes(name: str, geom: ConvGeom, groups: list[tuple[np.ndarray,
                         name=name), geom.with_channel_pad(1)
     if geom.groups != 1:
         raise ValueError("grouped convolutions other than depthwise are not supported by the kernels")
-    cp = channel_pad(geom.cin, mode_int_or_float)
+    sbits = [packing.storage_bits_for_range(int(q.min()), int(q.max())) if q.size else 2 for q, _, _ in groups]
+    cp = channel_pad(geom.cin, sbits)
     g2 = geom.with_channel_pad(cp)
     k = geom.taps * cp
     g_list = []
     for i, (q, s, idx) in enumerate(groups):
         pb = plan_bits[i] if plan_bits else None
         mat = conv_weight_matrix(q, cp)
-        sb = packing.storage_bits_for_range(int(q.min()), int(q.max())) if q.size else 2
+        sb = sbits[i]
         g_list.append(WeightGroup(out_index=np.asarray(idx, np.int32), scale=np.asarray(s, np.float32),
                                   packed=packing.pack_weight(mat, bits=sb, k_padded=packing.padded_k(k)),
                                   plan_bits=pb))

@@ -34,7 +34,7 @@ layout, for layers the plan keeps in fp32 and for fp32 models).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -196,7 +196,6 @@ class LinearOp:
     relu: bool = False               # fused ReLU after the (optional) residual add
     residual: bool = False           # fused add of a tensor shaped like the output
     name: str = "linear"
-    meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.groups:
@@ -420,9 +419,11 @@ def schedule_prologue_cpu(func, parallel_rows: bool, vector: int = 16, inline: t
         else:
             outer, inner = None, loops[0]
         ext = sch.get(inner).extent
-        if isinstance(ext, tvm.tirx.IntImm) and ext.value % vector == 0 and ext.value >= vector:
-            _, vi = sch.split(inner, factors=[None, vector])
-            sch.vectorize(vi)
+        if isinstance(ext, tvm.tirx.IntImm):
+            lanes = next((v for v in (vector, 8, 4) if v <= vector and ext.value % v == 0), None)
+            if lanes is not None:
+                _, vi = sch.split(inner, factors=[None, lanes])
+                sch.vectorize(vi)
         if parallel_rows and outer is not None:
             sch.parallel(outer)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
@@ -925,8 +926,8 @@ class _CoreCtx:
                 for mi in range(mtc):
                     T.buffer_store(fb, vals[mi][nt] * sc + bi, [T.ramp(mi * 16, 1, 16)])
                 img = T.Bind(rows[0].b * _c64(self.op.n_out))
-                for i in range(BLOCK_N):
-                    o = T.Bind(T.Cast("int64", self.oidx[pos + _c64(i)]))
+                with T.serial(_c64(0), _c64(BLOCK_N)) as i:
+                    o = T.Bind(T.Cast("int64", self.oidx[pos + i]))
                     with T.If(o >= _c64(0)):
                         with T.Then():
                             base = (img + o) * _c64(hw) + rows[0].pix
@@ -935,7 +936,7 @@ class _CoreCtx:
                                 v = fb[i]
                             else:
                                 idx = T.ramp(base, _c64(1), mtc)
-                                v = fb[T.ramp(i, 16, mtc)]
+                                v = fb[T.ramp(i, _c64(16), mtc)]
                             ridx = self._res_index(rows[0], o, mtc, "pix") if self.res is not None else None
                             T.buffer_store(lay.Yf, self._finish(v, mtc, ridx), [idx])
                 continue
@@ -952,13 +953,32 @@ class _CoreCtx:
                     with T.Else():
                         fb = T.alloc_buffer((16,), "float32", scope="local")
                         T.buffer_store(fb, f, [T.ramp(0, 1, 16)])
-                        for i in range(BLOCK_N):
-                            o = T.Bind(T.Cast("int64", self.oidx[pos + _c64(i)]))
-                            with T.If(o >= _c64(0)):
+
+                        def scatter(guard, fb=fb, rowbase=rowbase, row=rows[mi], pos=pos):
+                            with T.serial(_c64(0), _c64(BLOCK_N)) as i:
+                                o = T.Bind(T.Cast("int64", self.oidx[pos + i]))
+
+                                def store():
+                                    ridx = self._res_index(row, o, 1, "c") if self.res is not None else None
+                                    T.buffer_store(lay.Yf, self._finish(fb[i], 1, ridx), [rowbase + o])
+                                if guard:
+                                    with T.If(o >= _c64(0)):
+                                        with T.Then():
+                                            store()
+                                else:
+                                    store()
+
+                        full_blocks = self.g.n // BLOCK_N  # only a group's last block has padded rows
+                        if full_blocks == 0:
+                            scatter(True)
+                        elif self.g.n % BLOCK_N == 0:
+                            scatter(False)
+                        else:
+                            with T.If(nb0 + _c64(nt) < _c64(full_blocks)):
                                 with T.Then():
-                                    idx = rowbase + o
-                                    ridx = self._res_index(rows[mi], o, 1, "c") if self.res is not None else None
-                                    T.buffer_store(lay.Yf, self._finish(fb[i], 1, ridx), [idx])
+                                    scatter(False)
+                                with T.Else():
+                                    scatter(True)
 
 
 # ===================================================================================== core (CUDA)

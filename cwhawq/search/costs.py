@@ -143,5 +143,6 @@ def make_cost_model(budget: Budget, infos, latency=None, bit_set=(2, 4, 8)) -> C
             return latency
         if callable(latency):
             return PlanLatencyCost(infos, latency, bit_set)
-        raise BudgetError(f"latency model must be a CostModel or a callable plan -> ratio, got {type(latency).__name__}")
+        raise BudgetError(f"latency model must be a CostModel or a callable plan -> ratio, "
+                          f"got {type(latency).__name__}")
     raise BudgetError(f"budget kind {budget.kind!r} unknown: use size:R, bits:B, bops:R or latency:R")

@@ -9,7 +9,9 @@
 - Replay buffer of transitions (s, a, r, s', done), uniform sampling.
 - Exploration: ``warmup`` episodes of uniform random actions (no updates); afterwards the actor's
   action plus truncated-normal noise on [0, 1] (sampled exactly, by inverse CDF) with
-  sigma_e = max(sigma_min, sigma * sigma_decay ** (e - warmup)).
+  sigma_e = max(sigma_min, sigma * sigma_decay ** (e - warmup)). With ``greedy_every`` N > 0, the
+  first episode after warm-up and every N-th one after it take the actor's action without noise
+  (their plans are candidates too; their transitions are stored like the others).
 - Every step of an episode gets the episode's reward; a moving-average baseline b (after each
   episode b <- b + baseline_alpha * (R - b), started at the first reward) is subtracted when the
   critic is trained: target y = (r - b) + discount * (1 - done) * Q'(s', mu'(s')).
@@ -46,6 +48,7 @@ class DDPGConfig:
     sigma_min: float = 0.0
     baseline_alpha: float = 0.1  # moving-average reward baseline rate
     updates_per_step: int = 1    # gradient updates per layer step (after warm-up)
+    greedy_every: int = 0        # >0: the first episode after warm-up and every N-th after it act without noise
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +160,14 @@ class DDPG:
         c = self.cfg
         if episode < c.warmup:
             return float("nan")
+        if self.greedy(episode):
+            return 0.0
         return max(c.sigma_min, c.sigma * c.sigma_decay ** (episode - c.warmup))
+
+    def greedy(self, episode: int) -> bool:
+        """Whether this episode acts without exploration noise."""
+        c = self.cfg
+        return c.greedy_every > 0 and episode >= c.warmup and (episode - c.warmup) % c.greedy_every == 0
 
     @torch.no_grad()
     def policy(self, state) -> np.ndarray:

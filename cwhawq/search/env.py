@@ -18,7 +18,10 @@ Action (documented mapping, "stick breaking" over the sorted bit set b_1 < ... <
     the activation bits are fixed). a_j is the fraction of the channels at >= b_j that move up to
     >= b_{j+1}: the fraction at >= b_{j+1} is a_1 * ... * a_j, so ratio(b_k) = prod_{j<k} a_j *
     (1 - a_k) (a_K = 0). With {2, 4, 8}: a_1 = share of channels above 2 bits, a_2 = share of those
-    at 8 bits. Raising any a_j never lowers a layer's bits. The ratios become channel bits with
+    at 8 bits. Raising any a_j never lowers a layer's bits. With ``action_margin`` m > 0 the agent's
+    outputs x are first mapped to a = clip((x - m) / (1 - 2m), 0, 1), so that pure levels (a = 0 or 1)
+    are reached by a sigmoid actor and small noise near the ends does not move channels.
+    The ratios become channel bits with
     :func:`cwhawq.plan.assign_bits` (largest remainder, most sensitive = highest trace first).
 
 Budget enforcement (exact; least sensitive first)
@@ -147,7 +150,7 @@ class QuantSearchEnv:
     """
 
     def __init__(self, infos, sens: dict, budget: Budget, cost: CostModel, w_bits=(2, 4, 8), a_bits=(8,),
-                 enforce: str = "omega", demote_chunk: int = DEMOTE_CHUNK):
+                 enforce: str = "omega", action_margin: float = 0.0, demote_chunk: int = DEMOTE_CHUNK):
         self.infos = list(infos)
         self.L = len(self.infos)
         self.budget = budget
@@ -162,6 +165,9 @@ class QuantSearchEnv:
         if enforce not in ENFORCE_MODES:
             raise ValueError(f"enforce must be one of {ENFORCE_MODES}, got {enforce!r}")
         self.enforce_mode = enforce
+        if not 0.0 <= action_margin < 0.5:
+            raise ValueError(f"action_margin must be in [0, 0.5), got {action_margin}")
+        self.action_margin = float(action_margin)
         self.demote_chunk = int(demote_chunk)
         by = sensitivity_by_layer(sens, self.infos)
         self._omega = self._omega_tables(by)
@@ -266,9 +272,13 @@ class QuantSearchEnv:
         return self.cost.total(bits)
 
     def split_action(self, action):
+        """(weight fractions, activation fractions): the action after the end margins."""
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), 0.0, 1.0)
         if a.shape[0] != self.action_dim:
             raise ValueError(f"action has {a.shape[0]} entries, expected {self.action_dim}")
+        m = self.action_margin
+        if m > 0:
+            a = np.clip((a - m) / (1.0 - 2.0 * m), 0.0, 1.0)
         return a[:self.dim_w], a[self.dim_w:]
 
     def ratios(self, action) -> tuple[dict, dict]:
@@ -296,12 +306,14 @@ class QuantSearchEnv:
         return self._w[k].channel_bits(), self._a[k].channel_bits()
 
     def effective_actions(self) -> list[np.ndarray]:
+        """Per layer, the action that gives the current (enforced) counts (inverse of the mapping)."""
         out = []
+        m = self.action_margin
         for k in range(self.L):
             a = [stick_action(self._w[k].counts, self.w_bits)]
             if self.dim_a:
                 a.append(stick_action(self._a[k].counts, self.a_bits))
-            out.append(np.concatenate(a))
+            out.append(m + np.concatenate(a) * (1.0 - 2.0 * m))
         return out
 
     def states_for(self, actions) -> list[np.ndarray]:

@@ -40,6 +40,9 @@ from .reward import REWARDS, PlanEvaluator
 CHECKPOINT_FORMAT = "cwhawq-search-checkpoint"
 CHECKPOINT_VERSION = 1
 PHASES = ("plan", "quantize", "evaluate", "update", "io")
+# options added after version 1 checkpoints were first written: their values in older checkpoints
+CONFIG_DEFAULTS = {"action_margin": 0.0}
+AGENT_DEFAULTS = {"greedy_every": 0}
 
 
 class SearchError(CwhawqError):
@@ -89,16 +92,16 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
            out: str | None = None, seed: int = 0, resume: bool = False, bits="2,4,8", a_bits="8",
            data_dir: str | None = None, log: str | None = None, checkpoint: str | None = None,
            checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
-           calib_batches: int = 4, act_scale: str = "pow2", enforce: str = "omega", latency=None,
-           progress: bool = False, on_episode=None, **agent_options):
+           calib_batches: int = 4, act_scale: str = "pow2", enforce: str = "omega", action_margin: float = 0.0,
+           latency=None, progress: bool = False, on_episode=None, **agent_options):
     """DDPG search of a channel-wise mixed-precision plan for ``model`` under ``budget``.
 
     Returns the best plan found (a :class:`cwhawq.plan.Plan`, method ``ddpg``, meeting the budget),
     written to ``out`` when given. ``agent_options`` are :class:`DDPGConfig` fields (warmup, hidden,
     lr_actor, lr_critic, tau, discount, batch_size, buffer_size, sigma, sigma_decay, sigma_min,
-    baseline_alpha, updates_per_step). ``latency``: a latency cost model for ``latency:`` budgets
-    (see :mod:`cwhawq.search.costs`). ``enforce``: ``omega`` or ``layers`` (:mod:`cwhawq.search.env`).
-    ``on_episode(record)`` is called after every episode.
+    init_action, baseline_alpha, updates_per_step, greedy_every). ``latency``: a latency cost model for
+    ``latency:`` budgets (see :mod:`cwhawq.search.costs`). ``enforce`` (``omega`` or ``layers``) and
+    ``action_margin``: see :mod:`cwhawq.search.env`. ``on_episode(record)`` is called after every episode.
     """
     from .. import data as D
     from ..api import calibration_set, parse_bits
@@ -143,7 +146,9 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     infos = qm.layer_infos
     sensitivity_by_layer(sens_d, infos, sens_src)
     cost = make_cost_model(bud, infos, latency, tuple(sorted(set(w_set) | set(a_set))))
-    env = QuantSearchEnv(infos, sens_d, bud, cost, w_set, a_set, enforce=enforce)
+    if not 0.0 <= action_margin < 0.5:
+        raise SearchError(f"action_margin must be in [0, 0.5), got {action_margin}")
+    env = QuantSearchEnv(infos, sens_d, bud, cost, w_set, a_set, enforce=enforce, action_margin=action_margin)
     val = D.load(data, "val", data_dir).subset(val_samples)
     check_input_shape(loaded.input_shape, val)
     calib = calibration_set(data, data_dir, calib_batches)
@@ -155,17 +160,25 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     config = {"model": model, "data": data, "budget": str(bud), "w_bits": list(w_set), "a_bits": list(a_set),
               "seed": int(seed), "reward": reward, "val_samples": int(val_samples),
               "finetune_steps": int(finetune_steps), "calib_batches": int(calib_batches), "act_scale": act_scale,
-              "enforce": enforce, "agent": cfg.to_dict(), "layers": [i.name for i in infos],
+              "enforce": enforce, "action_margin": float(action_margin), "agent": cfg.to_dict(),
+              "layers": [i.name for i in infos],
               "sens_sha1": _sha1_json([[l.get("name"), l.get("weight", {}).get("trace"),
                                         l.get("activation", {}).get("trace")] for l in sens_d["layers"]])}
     start, best, totals, prev_elapsed = 0, None, {p: 0.0 for p in PHASES}, 0.0
     if resume and ckpt_p.is_file():
         ck = _load_checkpoint(ckpt_p)
-        diff = [k for k in config if ck["config"].get(k) != config[k]]
+        old = dict(ck["config"])
+        if isinstance(old.get("agent"), dict):
+            old["agent"] = {**AGENT_DEFAULTS, **old["agent"]}
+        diff = [k for k in config if old.get(k, CONFIG_DEFAULTS.get(k)) != config[k]]
         if diff:
             k = diff[0]
-            raise SearchError(f"checkpoint {ckpt_p} belongs to another search ({k}: {ck['config'].get(k)!r} there, "
-                              f"{config[k]!r} here); delete it or run without --resume")
+            there, here = old.get(k, CONFIG_DEFAULTS.get(k)), config[k]
+            if k == "agent" and isinstance(there, dict):
+                k = next(f for f in here if there.get(f) != here[f])
+                there, here = there.get(k), here[k]
+            raise SearchError(f"checkpoint {ckpt_p} belongs to another search ({k}: {there!r} there, {here!r} "
+                              f"here); delete it or run without --resume")
         agent.load_state_dict(ck["agent"])
         start, best, totals, prev_elapsed = int(ck["episode"]), ck["best"], dict(ck["times"]), float(ck["elapsed"])
     setup_seconds = time.perf_counter() - t_start
@@ -184,7 +197,8 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     t_loop = time.perf_counter()
     ep = start
     try:
-        with _deferred_sigint() as sigint, (open(log_p, "a") if log_p is not None else contextlib.nullcontext()) as logf:
+        logctx = open(log_p, "a") if log_p is not None else contextlib.nullcontext()
+        with _deferred_sigint() as sigint, logctx as logf:
             while ep < episodes:
                 rec, plan_d = _episode(ep, env, agent, evaluator, bud, cfg)
                 for p in PHASES[:-1]:
@@ -231,6 +245,7 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     plan.meta = {"search": {
         "algorithm": "ddpg", "episodes": ep, "seed": int(seed), "budget": str(bud), "w_bits": list(w_set),
         "a_bits": list(a_set), "reward": reward, "val_samples": len(val), "finetune_steps": int(finetune_steps),
+        "enforce": enforce, "action_margin": float(action_margin),
         "best_episode": best["episode"], "best_reward": best["reward"], "val_accuracy": best["accuracy"],
         "val_loss": best["loss"], "fp32_val_accuracy": evaluator.fp32_accuracy, "fp32_val_loss": evaluator.fp32_loss,
         "seconds": prev_elapsed + run_seconds, "setup_seconds": setup_seconds,
@@ -286,7 +301,7 @@ def _episode(ep: int, env: QuantSearchEnv, agent: DDPG, evaluator: PlanEvaluator
            "cost": _round(info["cost"], 8), "budget": str(bud),
            "metrics": {k: _round(m[k], 6) for k in ("size_ratio", "avg_w_bits", "avg_a_bits", "bops_ratio")},
            "w_ratios": info["w_ratios"], "a_ratios": info["a_ratios"], "demotions": info["demotions"],
-           "explore": "random" if ep < cfg.warmup else "noise",
+           "explore": "random" if ep < cfg.warmup else ("greedy" if agent.greedy(ep) else "noise"),
            "sigma": None if ep < cfg.warmup else _round(agent.sigma(ep)), "cached": ev["cached"],
            "critic_loss": None if losses is None else _round(losses[0], 6),
            "time": {"plan": t1 - t0, "quantize": ev["t_quantize"], "evaluate": ev["t_evaluate"],
@@ -326,7 +341,8 @@ def _load_checkpoint(path: Path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SearchError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SearchError(f"checkpoint {path} is unreadable ({why}); "
                           f"delete it to start over") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise SearchError(f"{path} is not a cwhawq search checkpoint")
