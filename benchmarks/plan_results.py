@@ -77,7 +77,14 @@ def main():
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--out", default="docs/results.md")
     ap.add_argument("--limit", type=int, default=None, help="evaluate a subset of the test split (default: all)")
+    ap.add_argument("--finetune-only", default=None,
+                    help="comma list of settings (e.g. bits:3,bits:2.5): keep the rows of docs/results-baselines.json "
+                         "and add the fine-tuned accuracy of those plans only")
     args = ap.parse_args()
+    previous = {}
+    if args.finetune_only:
+        previous = {(r["method"], r["setting"]): r for r in json.load(open("docs/results-baselines.json"))}
+        args.finetune_epochs = args.finetune_epochs or 1
     t_start = time.time()
     loaded = load_model(MODEL)
     qm = qmodel_from_loaded(loaded)
@@ -88,7 +95,7 @@ def main():
     calib = api.calibration_set("fashion-mnist")
     qz = Quantizer(qm, calib)
     qz_free = Quantizer(qm, ranges=qz.ranges, act_scale="free")
-    fp32 = accuracy(qm, test)
+    fp32 = accuracy(qm, test) if not args.finetune_only else previous[("fp32", "-")]["accuracy"]
     plans = [("uniform", "W8A8", B.uniform(infos, 8, 8)), ("uniform", "W4A8", B.uniform(infos, 4, 8))]
     for bits in ("4", "3", "2.5"):
         b = parse_budget(f"bits:{bits}")
@@ -101,14 +108,21 @@ def main():
              "avg_w_bits": 32, "avg_a_bits": 32, "bops_ratio": 1.0}]
     state0 = copy.deepcopy({n: (q.weight.detach().clone(), None if q.bias is None else q.bias.detach().clone())
                             for n, q in qm.qlayers.items()})
+    only = set(args.finetune_only.split(",")) if args.finetune_only else None
     for method, setting, plan in plans:
         m = plan.metrics
-        sim = qz.apply(plan)
-        acc = accuracy(sim.module, test)
-        acc_free = accuracy(qz_free.apply(plan).module, test)
-        row = {"method": method, "setting": setting, "accuracy": acc, "accuracy_free_scales": acc_free,
-               "size_kib": m["weight_bytes"] / 1024, "avg_w_bits": m["avg_w_bits"], "avg_a_bits": m["avg_a_bits"],
-               "bops_ratio": m["bops_ratio"]}
+        if only is not None:
+            row = previous[(method, setting)]
+            if setting not in only:
+                rows.append(row)
+                continue
+        else:
+            sim = qz.apply(plan)
+            acc = accuracy(sim.module, test)
+            acc_free = accuracy(qz_free.apply(plan).module, test)
+            row = {"method": method, "setting": setting, "accuracy": acc, "accuracy_free_scales": acc_free,
+                   "size_kib": m["weight_bytes"] / 1024, "avg_w_bits": m["avg_w_bits"], "avg_a_bits": m["avg_a_bits"],
+                   "bops_ratio": m["bops_ratio"]}
         if args.finetune_epochs:
             sim = qz.apply(plan)
             finetune(sim, train, epochs=args.finetune_epochs)
@@ -131,8 +145,11 @@ def main():
                        if "size_kib" in r and "accuracy" in r]
     pareto_plot(rows, search_rows, "docs/pareto.png")
     ft = args.finetune_epochs
-    lines = [f"Measured by `.venv/bin/python benchmarks/plan_results.py --finetune-epochs {ft}` in one run "
-             f"({(time.time() - t_start) / 60:.0f} min on {os.cpu_count()} cores); {MODEL}, "
+    how = (f"`.venv/bin/python benchmarks/plan_results.py --finetune-epochs 0`, then the fine-tuned column for "
+           f"{args.finetune_only} by `... --finetune-only {args.finetune_only}`" if args.finetune_only else
+           f"`.venv/bin/python benchmarks/plan_results.py --finetune-epochs {ft}` in one run")
+    lines = [f"Measured by {how} "
+             f"(last run {(time.time() - t_start) / 60:.0f} min on {os.cpu_count()} cores); {MODEL}, "
              f"test split ({len(test)} images); sensitivities from `cwhawq analyze` defaults "
              f"({sens['scheme']}, {sens['samples']} samples); activation ranges from 512 train samples; "
              f"weight scales by MSE.", "",

@@ -171,6 +171,7 @@ def _worker_main(conn, remote, session_timeout):  # pragma: no cover - runs in t
             step = "request"
             sess = tracker.request(key, priority=1, session_timeout=session_timeout, max_retry=2)
         conn.send(("ok", step, {}, None))
+        modules: dict = {}  # artifacts this session has loaded (uploading over a loaded library crashes it)
         while True:
             try:
                 msg = conn.recv()
@@ -180,7 +181,7 @@ def _worker_main(conn, remote, session_timeout):  # pragma: no cover - runs in t
                 return
             job_id, job = msg[1], msg[2]
             step = "load"
-            result = _run_job(conn, sess, job)
+            result = _run_job(conn, sess, job, modules)
             conn.send(("result", job_id, result))
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the caller
         try:
@@ -189,7 +190,7 @@ def _worker_main(conn, remote, session_timeout):  # pragma: no cover - runs in t
             pass
 
 
-def _run_job(conn, sess, job: dict) -> dict:  # pragma: no cover - runs in the worker process
+def _run_job(conn, sess, job: dict, modules: dict) -> dict:  # pragma: no cover - runs in the worker process
     if job["runtime"] == "onnxruntime":
         return _run_ort(conn, job)
     import tvm
@@ -197,10 +198,13 @@ def _run_job(conn, sess, job: dict) -> dict:  # pragma: no cover - runs in the w
 
     path = Path(job["artifact"])
     if sess is not None:
-        name = f"{job['sha256'][:12]}-{path.name}"
-        sess.upload(str(path), target=name)
+        name = f"{job['sha256'][:16]}-{path.name}"
+        if name not in modules:
+            sess.upload(str(path), target=name)
         conn.send(("ok", "upload", {}, "load"))
-        lib = sess.load_module(name)
+        if name not in modules:
+            modules[name] = sess.load_module(name)
+        lib = modules[name]
         dev = sess.cuda(0) if job["device"] == "cuda" else sess.cpu(0)
         vm = relax.VirtualMachine(lib, dev)
     else:
@@ -352,6 +356,19 @@ class BoardPool:
     def _start(self) -> None:
         self._started = True
         self._spawn()
+
+    def poll(self) -> None:
+        """Handle what the boards reported so far without waiting (raises as ``collect`` does)."""
+        if self._started:
+            self._pump(0.0)
+
+    def start(self, wait: bool = False) -> None:
+        """Connect to the boards now (e.g. while compiling) rather than at the first submit; with
+        ``wait``, until every board that can be had is ready."""
+        if not self._started:
+            self._start()
+        while wait and any(not w.ready for w in self.workers):
+            self._pump(None)
 
     # ------------------------------------------------------------------ jobs
     def submit(self, job_id, job: dict) -> None:
