@@ -34,7 +34,7 @@ def exact_block_traces(qm, x, y):
                 return F.cross_entropy(qm(x), y)
             finally:
                 q.wq = None
-        H = torch.autograd.functional.hessian(loss_w, w0).reshape(w0.numel(), w0.numel())
+        H = torch.autograd.functional.hessian(loss_w, w0, vectorize=True).reshape(w0.numel(), w0.numel())
         d = torch.diagonal(H).reshape(w0.shape[0], -1).sum(1)
         weights[n] = d.numpy()
 
@@ -46,10 +46,19 @@ def exact_block_traces(qm, x, y):
                 return F.cross_entropy(qm(x), y)
             finally:
                 q.act = None
-        Ha = torch.autograd.functional.hessian(loss_a, torch.zeros_like(x0)).reshape(x0.numel(), x0.numel())
+        Ha = torch.autograd.functional.hessian(loss_a, torch.zeros_like(x0), vectorize=True).reshape(x0.numel(), x0.numel())
         da = torch.diagonal(Ha).reshape(x0.shape)
         acts[n] = da.transpose(0, 1).reshape(x0.shape[1], -1).sum(1).numpy()
     return weights, acts
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -59,9 +68,20 @@ def tiny_q(tiny):
     return qm, x, y
 
 
+_EXACT = {}
+
+
+def exact_cached(qm, x, y):
+    """Exact traces of the tiny model (the same seeded model and batch in every test): computed once."""
+    key = (tuple(qm.names), float(x.sum()), int(y.sum()))
+    if key not in _EXACT:
+        _EXACT[key] = exact_block_traces(qm, x, y)
+    return _EXACT[key]
+
+
 def test_exact_scheme_matches_full_hessian(tiny_q):
     qm, x, y = tiny_q
-    ew, ea = exact_block_traces(qm, x, y)
+    ew, ea = exact_cached(qm, x, y)
     r = channel_traces(qm, [(x, y)], scheme="exact")
     for n in qm.names:
         np.testing.assert_allclose(r.weight_trace[n], ew[n], rtol=1e-4, atol=1e-6)
@@ -73,8 +93,8 @@ def test_exact_scheme_matches_full_hessian(tiny_q):
 @pytest.mark.parametrize("scheme", ["layer", "network", "interleave:2", "ggn"])
 def test_hutchinson_unbiased_with_honest_stderr(tiny_q, scheme):
     qm, x, y = tiny_q
-    ew, ea = exact_block_traces(qm, x, y)
-    r = channel_traces(qm, [(x, y)], scheme=scheme, max_probes=400, tol=0.0, seed=1)
+    ew, ea = exact_cached(qm, x, y)
+    r = channel_traces(qm, [(x, y)], scheme=scheme, max_probes=250, tol=0.0, seed=1)
     z = []
     for n in qm.names:
         for est, se, ex in ((r.weight_trace[n], r.weight_stderr[n], ew[n]), (r.act_trace[n], r.act_stderr[n], ea[n])):
@@ -88,7 +108,7 @@ def test_hutchinson_unbiased_with_honest_stderr(tiny_q, scheme):
 
 def test_channel_scheme_and_seed(tiny_q):
     qm, x, y = tiny_q
-    ew, _ = exact_block_traces(qm, x, y)
+    ew, _ = exact_cached(qm, x, y)
     a = channel_traces(qm, [(x, y)], scheme="channel", max_probes=200, tol=0.0, seed=3)
     b = channel_traces(qm, [(x, y)], scheme="channel", max_probes=200, tol=0.0, seed=3)
     for n in qm.names:
