@@ -157,6 +157,9 @@ def _worker_main(conn, remote, session_timeout):  # pragma: no cover - runs in t
     """One board (or this machine): connect, then run jobs until told to stop or the pipe closes."""
     step = "start"
     try:
+        import logging
+
+        logging.disable(logging.WARNING)  # TVM's RPC retries log warnings; failures are reported to the caller
         sess = None
         import tvm  # noqa: F401 - the import is the slow part of starting
         from tvm import relax, rpc  # noqa: F401
@@ -319,7 +322,7 @@ class BoardPool:
         self.log = log or (lambda m: None)
         self.on_step = on_step  # on_step(board label, step): progress hook (tests, progress bars)
         self.workers: list[_Worker] = []
-        self.pending: list[tuple] = []   # (job_id, job, attempts)
+        self.pending: list[tuple] = []   # (job_id, job)
         self.done: list[tuple] = []
         self.failures: list[str] = []
         self._started = False

@@ -300,16 +300,9 @@ class OneLayerExporter:
 
 def fp32_onnx(loaded, out: Path) -> None:
     """The fp32 model (batch norms folded, as the exporter sees it) as ONNX, batch symbolic."""
-    import onnx
+    from .export import export_fp32
 
-    from .export import MIN_OPSET, _torch_export  # the exporter's float graph, without quantization
-    from .graph import qmodel_from_loaded
-    from .io import atomic_path
-
-    qm = qmodel_from_loaded(loaded)
-    model = _torch_export(qm, loaded.input_shape, MIN_OPSET)
-    with atomic_path(out) as tmp:
-        onnx.save_model(model, str(tmp))
+    export_fp32(loaded, out)
 
 
 # ===================================================================================== cache
