@@ -41,8 +41,14 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+# speed and accuracy measurements (long; each writes its table under docs/)
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_hessian.py
+	$(PY) benchmarks/plan_results.py --finetune-epochs 1
+	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_gemv.py
+	$(PY) benchmarks/bench_resnet20.py
+	$(PY) benchmarks/bench_latency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
