@@ -33,18 +33,10 @@ MODEL = "zoo:resnet20-fmnist"
 PHASES = ("plan", "quantize", "evaluate", "update")
 
 
-def replace_section(path: str, begin: str, end: str, body: str) -> None:
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        _, post = rest.split(end, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    from cwhawq.io import write_text
+def replace_section(path, begin, end, body):
+    from cwhawq.io import replace_marked_section
 
-    write_text(path, text)
+    replace_marked_section(path, begin, end, body, header="")
 
 
 def main():

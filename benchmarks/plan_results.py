@@ -33,18 +33,9 @@ MODEL = "zoo:resnet20-fmnist"
 
 
 def replace_section(path, begin, end, body):
-    text = open(path).read() if os.path.exists(path) else "# Results\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        _, post = rest.split(end, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from cwhawq.io import replace_marked_section
+
+    replace_marked_section(path, begin, end, body, header="# Results\n")
 
 
 def pareto_plot(rows, search_rows, path):

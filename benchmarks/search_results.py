@@ -36,18 +36,10 @@ def _label(budget, a_bits):
     return budget if a_bits == "8" else f"{budget} mixed act"
 
 
-def replace_section(path: str, begin: str, end: str, body: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Results\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        _, post = rest.split(end, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    from cwhawq.io import write_text
+def replace_section(path, begin, end, body):
+    from cwhawq.io import replace_marked_section
 
-    write_text(path, text)
+    replace_marked_section(path, begin, end, body, header="")
 
 
 def run_one(job: dict) -> dict:

@@ -28,7 +28,6 @@ re-queues the job of a board that fails on another board, and fails only when no
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -87,11 +86,9 @@ def summarize(results) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .io import sha256_file
+
+    return sha256_file(path)
 
 
 def read_manifest(artifact: str | Path) -> dict:

@@ -47,11 +47,9 @@ def manifest_path(artifact: str | Path) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..io import sha256_file
+
+    return sha256_file(path)
 
 
 def _artifact_format(out: Path) -> str:
