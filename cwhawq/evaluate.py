@@ -1,8 +1,6 @@
 """Accuracy of a model (float, simulated-quantized, or ONNX through onnxruntime) on a dataset split."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -48,9 +46,3 @@ def onnx_predict(path: str, ds: Dataset, batch_size: int = 500, optimize: bool =
     outs = [sess.run(None, {name: ds.x[i:i + batch_size]})[0] for i in range(0, len(ds), batch_size)]
     return np.concatenate(outs)
 
-
-def eval_report(model_spec: str, data_spec: str, split: str, n: int, acc: float, t0: float, **extra) -> dict:
-    rep = {"model": model_spec, "data": data_spec, "split": split, "n": n, "accuracy": round(acc, 6),
-           "seconds": round(time.time() - t0, 3)}
-    rep.update(extra)
-    return rep

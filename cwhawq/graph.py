@@ -233,7 +233,8 @@ def canonicalize(module: nn.Module, input_shape, exported=None, fold_bn: bool = 
                         for u in list(bn.users):
                             if u.target is operator.getitem and u.args[1] == 0:
                                 u.replace_all_uses_with(node)
-                    graph.erase_node(bn) if not bn.users else None
+                    if not bn.users:
+                        graph.erase_node(bn)
             q = QLayer(name, kind, w, b, _pair(stride, (1, 1)), _pair(padding, (0, 0)),
                        _pair(dilation, (1, 1)), groups)
         else:

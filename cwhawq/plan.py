@@ -247,7 +247,3 @@ def assign_bits(sensitivity, ratios: dict[int, float]) -> list[int]:
         pos += c
     return out.tolist()
 
-
-def ratios_of(bits_list, bit_set) -> dict[int, float]:
-    b = np.asarray(bits_list)
-    return {int(k): float(np.mean(b == k)) for k in bit_set}
