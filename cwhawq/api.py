@@ -159,21 +159,85 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
            out: str | None = None, seed: int = 0, resume: bool = False, bits="2,4,8", a_bits="8",
            data_dir: str | None = None, log: str | None = None, checkpoint: str | None = None,
            checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
-           calib_batches: int = 4, act_scale: str = "pow2", progress: bool = False, **options) -> "Plan":
+           calib_batches: int = 4, act_scale: str = "pow2", progress: bool = False, target: str | None = None,
+           rpc: str | None = None, key: str | None = None, latency_table=None, latency_batch: int = 1,
+           latency_grid: int = 2, latency_weight: float = 0.0, measure: bool = True, cache_dir: str | None = None,
+           timeout: float = 60.0, echo=None, **options) -> "Plan":
     """DDPG search (``cwhawq search``): the best plan found under ``budget``, written to ``out``.
+
+    Latency (docs/search.md, "Latency-aware search"): with ``target`` (and ``rpc``/``key`` for a board
+    behind a tracker) the per-layer latency table of ``model`` is built for that target (cached
+    measurements; written beside ``out`` as ``.latency.json``), or ``latency_table`` (a file or a
+    :class:`cwhawq.latency.LatencyTable`) is used as it is. The table prices ``latency:R`` budgets and,
+    with ``latency_weight`` > 0, the reward term ``latency_weight * (1 - T/T_fp32)``. With a target and
+    ``measure``, the final plan and the fp32 model are then compiled and measured for real, and both
+    the predicted and the measured latency go into ``plan.meta["latency"]`` and, as a last
+    ``{"final": true, ...}`` line, into the JSONL log.
 
     ``options``: ``enforce``, ``action_margin``, agent hyperparameters (warmup, hidden, lr_actor, lr_critic,
     tau, discount, batch_size, buffer_size, sigma, sigma_decay, sigma_min, init_action, baseline_alpha,
     updates_per_step, greedy_every), ``latency`` (a latency cost model) and ``on_episode`` (callback per
     episode record). See docs/search.md.
     """
+    import json
+
+    from .bench import parse_rpc
+    from .latency import LatencyError, LatencyTable, build_table, measure_plans
+    from .plan import parse_budget
     from .search import search as _search
 
-    return _search(model, data, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed, resume=resume,
+    echo = echo or (lambda m: None)
+    remote = parse_rpc(rpc, key)
+    bud = parse_budget(budget)
+    table = None
+    if latency_table is not None:
+        table = latency_table if isinstance(latency_table, LatencyTable) else LatencyTable.load(latency_table)
+        if target is not None:
+            from .backends.targets import resolve_target
+
+            want = resolve_target(target).name
+            if table.data["target"]["name"] != want:
+                raise LatencyError(f"latency table {latency_table} is for target {table.data['target']['name']}, "
+                                   f"not {want}")
+    elif target is not None:
+        t_out = Path(out).with_suffix(".latency.json") if out else None
+        echo(f"latency table of {model} for {target} (batch {latency_batch}; cached measurements are reused)")
+        table = build_table(model, target, t_out, batch=latency_batch, remote=remote, grid=latency_grid, data=data,
+                            data_dir=data_dir,
+                            calib_batches=calib_batches, cache_dir=cache_dir, timeout=timeout, log=echo)
+    elif rpc is not None:
+        raise LatencyError("--rpc needs --target (the target the boards run)")
+    if bud.kind == "latency" and table is None and options.get("latency") is None:
+        raise LatencyError(f"budget {bud} needs a latency table: give --target T (measured here, or on boards "
+                           f"with --rpc HOST:PORT --key K) or --latency-table FILE (cwhawq latency-table)")
+    if table is not None:
+        options["latency"] = table
+    plan = _search(model, data, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed, resume=resume,
                    bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
                    checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
                    finetune_steps=finetune_steps, calib_batches=calib_batches, act_scale=act_scale,
-                   progress=progress, **options)
+                   progress=progress, latency_weight=latency_weight, **options)
+    if table is None or target is None or not measure:
+        return plan
+    echo("compiling and measuring the final plan and the fp32 model")
+    name = Path(out).stem if out else "search"
+    res = measure_plans(model, [(plan, name)], target, batch=int(table.data["batch"]), remote=remote, table=table,
+                        data=data, data_dir=data_dir, calib_batches=calib_batches, timeout=timeout,
+                        artifacts_dir=Path(out).parent if out else None, log=echo)
+    r = res["plans"][0]
+    plan.meta["latency"].update(
+        measured_s=r["measured_s"], measured_fp32_s=res["fp32_s"], measured_ratio=r["measured_ratio"],
+        rel_error=r["rel_error"], round_medians_s=r["round_medians_s"],
+        fp32_round_medians_s=res["fp32_round_medians_s"], measured_where=res["where"], board=r["board"],
+        artifact=r.get("artifact"))
+    if out:
+        plan.save(out)
+    log_p = plan.meta["search"].get("log")
+    if log_p:
+        with open(log_p, "a") as f:
+            f.write(json.dumps({"final": True, "episode": plan.meta["search"]["episodes"], "plan": out,
+                                "latency": plan.meta["latency"]}) + "\n")
+    return plan
 
 
 def bench(artifact: str, device: str | None = None, rpc: str | None = None, key: str | None = None,

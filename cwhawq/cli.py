@@ -293,7 +293,8 @@ def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_co
 @data_option
 @data_dir_option
 @click.option("--sens", required=True, help="Sensitivity JSON from cwhawq analyze.")
-@click.option("--budget", required=True, help="size:R, bits:B or bops:R (latency:R needs a latency table).")
+@click.option("--budget", required=True,
+              help="size:R, bits:B, bops:R or latency:R (R: fraction of the fp32 model's latency on --target).")
 @click.option("--episodes", default=300, show_default=True, type=click.IntRange(1))
 @click.option("--out", required=True, help="Plan JSON to write; the log (.jsonl) and checkpoint (.ckpt) go beside it.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -326,12 +327,32 @@ def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_co
 @click.option("--baseline-alpha", default=0.1, show_default=True, type=float)
 @click.option("--greedy-every", default=0, show_default=True, type=click.IntRange(0),
               help="N > 0: the first episode after warm-up and every N-th after it act without noise.")
+@click.option("--target", default=None,
+              help="Latency on this target: measure its per-layer latency table (cached), price latency:R "
+                   "budgets with it, then compile and measure the final plan (docs/search.md).")
+@click.option("--rpc", default=None, metavar="HOST:PORT", help="Measure on boards behind this TVM RPC tracker.")
+@click.option("--key", default=None, help="Device key the boards registered with (rpc_server --key).")
+@click.option("--latency-table", default=None, help="A table from cwhawq latency-table instead of measuring one.")
+@click.option("--latency-batch", default=1, show_default=True, type=click.IntRange(1),
+              help="Batch size the latency table is measured at.")
+@click.option("--latency-grid", default=2, show_default=True, type=click.IntRange(1, 8),
+              help="Bit-mix grid of the latency table (cwhawq latency-table --grid).")
+@click.option("--cache", "cache_dir", default=None,
+              help="Latency measurement cache (default $CWHAWQ_CACHE or ~/.cache/cwhawq/latency).")
+@click.option("--latency-weight", default=None, type=click.FloatRange(0),
+              help="Reward += WEIGHT x (1 - predicted latency / fp32 latency). Default: 1 with a latency "
+                   "table, else 0.")
+@click.option("--no-measure", is_flag=True, help="Do not compile and measure the final plan on --target.")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds allowed for each remote measurement step.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handled
 def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, resume, bits, a_bits, log, checkpoint,
                checkpoint_every, val_samples, reward, finetune_steps, enforce, action_margin, warmup, hidden,
                lr_actor, lr_critic, tau, discount, batch_size, buffer_size, sigma, sigma_decay, baseline_alpha,
-               greedy_every, as_json):
+               greedy_every, target, rpc, key, latency_table, latency_batch, latency_grid, cache_dir, latency_weight,
+               no_measure, timeout,
+               as_json):
     """DDPG search of a channel-wise mixed-precision plan for MODEL under --budget (docs/search.md)."""
     from . import api
 
@@ -340,6 +361,11 @@ def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, re
                       checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
                       finetune_steps=finetune_steps, enforce=enforce, action_margin=action_margin,
                       progress=not as_json and sys.stderr.isatty(),
+                      target=target, rpc=rpc, key=key, latency_table=latency_table, latency_batch=latency_batch,
+                      latency_grid=latency_grid, cache_dir=cache_dir,
+                      latency_weight=(latency_weight if latency_weight is not None
+                                      else 1.0 if (target or latency_table) else 0.0),
+                      measure=not no_measure, timeout=timeout, echo=lambda m: click.echo(m, err=True),
                       warmup=warmup,
                       hidden=hidden, lr_actor=lr_actor, lr_critic=lr_critic, tau=tau, discount=discount,
                       batch_size=batch_size, buffer_size=buffer_size, sigma=sigma, sigma_decay=sigma_decay,
@@ -349,10 +375,20 @@ def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, re
                "val_accuracy": s["val_accuracy"], "fp32_val_accuracy": s["fp32_val_accuracy"],
                "best_reward": s["best_reward"], "seconds": s["seconds"], "budget": s["budget"],
                **{k: m[k] for k in ("size_ratio", "avg_w_bits", "avg_a_bits", "bops_ratio")}}
-    emit(summary, as_json, f"ddpg: best of {s['episodes']} episodes (episode {s['best_episode']}): val accuracy "
-                           f"{s['val_accuracy'] * 100:.2f}% (fp32 {s['fp32_val_accuracy'] * 100:.2f}%), avg weight "
-                           f"bits {m['avg_w_bits']:.3f}, avg act bits {m['avg_a_bits']:.3f}, size ratio "
-                           f"{m['size_ratio']:.4f}, BOPs ratio {m['bops_ratio']:.5f} [{s['budget']}] -> {out}")
+    text = (f"ddpg: best of {s['episodes']} episodes (episode {s['best_episode']}): val accuracy "
+            f"{s['val_accuracy'] * 100:.2f}% (fp32 {s['fp32_val_accuracy'] * 100:.2f}%), avg weight "
+            f"bits {m['avg_w_bits']:.3f}, avg act bits {m['avg_a_bits']:.3f}, size ratio "
+            f"{m['size_ratio']:.4f}, BOPs ratio {m['bops_ratio']:.5f} [{s['budget']}] -> {out}")
+    lat = plan.meta.get("latency")
+    if lat:
+        summary["latency"] = lat
+        text += f"\nlatency: predicted {lat['predicted_ratio']:.3f} x fp32"
+        if "predicted_s" in lat:
+            text += f" ({lat['predicted_s'] * 1e3:.3f} ms on {lat['target']}, batch {lat['batch']})"
+        if "measured_s" in lat:
+            text += (f"; measured {lat['measured_s'] * 1e3:.3f} ms = {lat['measured_ratio']:.3f} x fp32 "
+                     f"{lat['measured_fp32_s'] * 1e3:.3f} ms (prediction {lat['rel_error'] * 100:+.1f}%)")
+    emit(summary, as_json, text)
 
 
 _rpc_options = [

@@ -782,26 +782,37 @@ def _assemble(model, ts, batch, remote, grid, tool, meas, shapes, layers, cells,
     return LatencyTable(data)
 
 
-def _checks(table: LatencyTable, loaded, plans, target, ts, batch, remote, pool, tmp, data, data_dir, calib_batches,
-            meas, log) -> list[dict]:
-    """Compile whole plans, measure them (WHOLE_MODEL_ROUNDS rounds over all of them, keeping each
-    plan's least-contended round, as for the fp32 model) and compare with the table's prediction."""
-    from .backends.tvm import compile_model
-    from .export import export_onnx
-
-    jobs = []
-    for k, (plan, name) in enumerate(plans):
-        onnx_path, art = tmp / f"check{k}.onnx", tmp / f"check{k}.so"
-        export_onnx(loaded, plan, onnx_path, data=data, data_dir=data_dir, calib_batches=calib_batches, verify=0)
-        compile_model(onnx_path, target, art, batch=batch)
-        jobs.append(make_job(art, ts.device, batch, remote=remote, label=f"check {name}", **meas))
-    medians: list[list[float]] = [[] for _ in plans]
-    boards: list = [None] * len(plans)
-    for _ in range(WHOLE_MODEL_ROUNDS if plans else 0):
+def _measure_whole(pool, jobs: list[dict]) -> tuple[list[list[float]], list]:
+    """Median of every job in each of WHOLE_MODEL_ROUNDS rounds (all jobs once per round, one after
+    another), and the board that measured it: whole models keep their least-contended round."""
+    medians: list[list[float]] = [[] for _ in jobs]
+    boards: list = [None] * len(jobs)
+    for _ in range(WHOLE_MODEL_ROUNDS if jobs else 0):
         for k, job in enumerate(jobs):
             res = pool.run(job)
             medians[k].append(summarize(res["results_s"])["median_s"])
             boards[k] = res.get("board")
+    return medians, boards
+
+
+def _compile_plan(loaded, plan, target, batch, onnx_path: Path, art: Path, data, data_dir, calib_batches) -> None:
+    from .backends.tvm import compile_model
+    from .export import export_onnx
+
+    export_onnx(loaded, plan, onnx_path, data=data, data_dir=data_dir, calib_batches=calib_batches, verify=0)
+    compile_model(onnx_path, target, art, batch=batch)
+
+
+def _checks(table: LatencyTable, loaded, plans, target, ts, batch, remote, pool, tmp, data, data_dir, calib_batches,
+            meas, log) -> list[dict]:
+    """Compile whole plans, measure them (WHOLE_MODEL_ROUNDS rounds over all of them, keeping each
+    plan's least-contended round, as for the fp32 model) and compare with the table's prediction."""
+    jobs = []
+    for k, (plan, name) in enumerate(plans):
+        onnx_path, art = tmp / f"check{k}.onnx", tmp / f"check{k}.so"
+        _compile_plan(loaded, plan, target, batch, onnx_path, art, data, data_dir, calib_batches)
+        jobs.append(make_job(art, ts.device, batch, remote=remote, label=f"check {name}", **meas))
+    medians, boards = _measure_whole(pool, jobs)
     out = []
     for (plan, name), ms, board in zip(plans, medians, boards):
         measured = min(ms)
@@ -811,6 +822,77 @@ def _checks(table: LatencyTable, loaded, plans, target, ts, batch, remote, pool,
                     "measured_ratio": measured / table.fp32_seconds, "board": board})
         log(f"check {name}: predicted {predicted * 1e3:.3f} ms, measured {measured * 1e3:.3f} ms "
             f"({out[-1]['rel_error'] * 100:+.1f}%)")
+    return out
+
+
+def measure_artifacts(artifacts, device: str | None = None, batch: int = 1, remote: Remote | None = None,
+                      repeat: int = 100, min_repeat_ms: int = 1, warmup: int = 10, timeout: float = 60.0,
+                      log=None) -> list[dict]:
+    """Measure compiled artifacts (``[(path, name)]``; an ``.onnx`` file runs in onnxruntime) in the
+    same WHOLE_MODEL_ROUNDS rounds, each round a median of ``repeat`` short runs (``cwhawq bench``'s
+    statistics), and keep each one's least-contended round: ``[{name, measured_s, round_medians_s,
+    board}]`` in the order given."""
+    meas = {"warmup": int(warmup), "repeat": int(repeat), "min_repeat_ms": int(min_repeat_ms)}
+    jobs = [make_job(p, None if str(p).endswith(".onnx") else device, batch, remote=remote, label=name, **meas)
+            for p, name in artifacts]
+    if log:
+        log(f"measuring {len(jobs)} model(s), {WHOLE_MODEL_ROUNDS} rounds ({'local' if remote is None else remote})")
+    with BoardPool(remote, timeout=timeout, max_boards=1, log=log) as pool:
+        medians, boards = _measure_whole(pool, jobs)
+    return [{"name": name, "measured_s": min(ms), "round_medians_s": ms, "board": board}
+            for (_, name), ms, board in zip(artifacts, medians, boards)]
+
+
+def measure_plans(model: str, plans, target: str = "llvm", batch: int = 1, remote: Remote | None = None,
+                  table: LatencyTable | None = None, data="fashion-mnist", data_dir: str | None = None,
+                  calib_batches: int = 4, repeat: int = 100, min_repeat_ms: int = 1, warmup: int = 10,
+                  timeout: float = 60.0, artifacts_dir: str | Path | None = None, log=None) -> dict:
+    """Compile ``plans`` (``[(Plan, name)]``) and the fp32 model for ``target`` and measure them all in
+    the same rounds (:func:`measure_artifacts`, here or on a board behind a tracker), so that the
+    measured ratio to fp32 compares numbers taken under the same conditions.
+
+    Returns ``{"fp32_s", "fp32_round_medians_s", "plans": [{plan, measured_s, round_medians_s,
+    measured_ratio, predicted_s?, predicted_ratio?, rel_error?, board, artifact?}], target, batch,
+    where}``; the prediction fields when ``table`` is given. ``artifacts_dir``: keep the compiled
+    plans there (``<name>.so``); otherwise they live in a temporary directory."""
+    from .backends.targets import resolve_target
+    from .backends.tvm import compile_model
+    from .models import load_model
+
+    log = log or (lambda m: None)
+    ts = resolve_target(target)
+    loaded = load_model(model)
+    tmp = Path(tempfile.mkdtemp(prefix="cwhawq-measure-"))
+    keep = Path(artifacts_dir) if artifacts_dir else None
+    try:
+        fp32_onnx(loaded, tmp / "fp32.onnx")
+        compile_model(tmp / "fp32.onnx", target, tmp / "fp32.so", batch=batch)
+        arts = [(tmp / "fp32.so", "fp32")]
+        for k, (plan, name) in enumerate(plans):
+            art = (keep / f"{name}.so") if keep else tmp / f"plan{k}.so"
+            log(f"compiling {name} for {ts.name}")
+            _compile_plan(loaded, plan, target, batch, tmp / f"plan{k}.onnx", art, data, data_dir, calib_batches)
+            arts.append((art, name))
+        res = measure_artifacts(arts, ts.device, batch, remote, repeat=repeat, min_repeat_ms=min_repeat_ms,
+                                warmup=warmup, timeout=timeout, log=log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fp32_s = res[0]["measured_s"]
+    out = {"target": ts.name, "batch": int(batch), "where": str(remote) if remote else "local",
+           "fp32_s": fp32_s, "fp32_round_medians_s": res[0]["round_medians_s"], "plans": []}
+    for (plan, name), m, (art, _) in zip(plans, res[1:], arts[1:]):
+        rec = {"plan": name, "measured_s": m["measured_s"], "round_medians_s": m["round_medians_s"],
+               "measured_ratio": m["measured_s"] / fp32_s, "board": m["board"]}
+        if keep:
+            rec["artifact"] = str(art)
+        if table is not None:
+            pred = table.predict(plan)
+            rec.update(predicted_s=pred, predicted_ratio=pred / table.fp32_seconds,
+                       rel_error=pred / m["measured_s"] - 1.0)
+        out["plans"].append(rec)
+        log(f"{name}: measured {m['measured_s'] * 1e3:.3f} ms ({rec['measured_ratio']:.3f} x fp32 "
+            f"{fp32_s * 1e3:.3f} ms)" + (f", predicted {rec['predicted_s'] * 1e3:.3f} ms "
+                                          f"({rec['rel_error'] * 100:+.1f}%)" if table else ""))
     return out
 
 

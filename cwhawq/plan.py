@@ -210,8 +210,11 @@ def parse_budget(s: str) -> Budget:
         raise PlanError(f"budget value {val!r} is not a number") from None
     if not math.isfinite(v) or v <= 0:
         raise PlanError(f"budget value must be positive, got {val}")
-    if kind in ("size", "bops", "latency") and v > 1:
+    if kind in ("size", "bops") and v > 1:
         raise PlanError(f"{kind} budget is a fraction of fp32 (0 < R <= 1), got {v}")
+    if kind == "latency" and v > 4:
+        # above 1 only for models whose quantized kernels are slower than fp32 (tiny layers)
+        raise PlanError(f"latency budget is a ratio to the fp32 latency (0 < R <= 4), got {v}")
     if kind == "bits" and v > 32:
         raise PlanError(f"bits budget is an average weight bit-width (<= 32), got {v}")
     return Budget(kind, v)

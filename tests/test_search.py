@@ -163,6 +163,35 @@ def test_latency_model_can_be_plugged_in(setup):
         assert fake(plan) <= 0.2 * (1 + 1e-9)
 
 
+def test_latency_that_does_not_fall_with_the_bits(setup):
+    """A separable latency where 2-bit weights are slower than 4-bit ones (as on this CPU for some
+    layers): the cheapest plan is 4-bit, budgets between it and the all-2-bit plan can be met, every
+    enforced plan meets the budget, and a budget below the cheapest plan names it."""
+    from cwhawq.search.costs import LayerLatencyCost
+
+    infos = setup["infos"]
+    per_bit = {2: 1.0, 4: 0.6, 8: 0.9}   # share of a layer's fp32 time per output channel at these bits
+    n = sum(i.out_channels for i in infos)
+
+    def layer_fn(info, w, a):
+        return float(sum(per_bit[int(b)] for b in w)) / n
+
+    def cost():
+        return LayerLatencyCost(infos, layer_fn, const=0.05)
+
+    env = _env(setup, "latency:0.7", latency=cost())
+    assert env.min_total == pytest.approx(0.05 + 0.6) and env.max_total == pytest.approx(0.05 + 0.9)
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        acts = [rng.uniform(size=env.action_dim) * (0.2 if trial % 2 else 1.0) for _ in range(env.L)]
+        _rollout(env, acts)
+        plan, info = env.finish()
+        assert info["cost"] <= 0.7 * (1 + 1e-9)
+        assert cost().exact(plan) == pytest.approx(info["cost"])
+    with pytest.raises(BudgetError, match="cheapest bit levels"):
+        _env(setup, "latency:0.6", latency=cost())
+
+
 # ------------------------------------------------------------------------------ agent
 def test_truncated_normal_and_agent_state_roundtrip():
     rng = np.random.default_rng(0)
@@ -271,3 +300,53 @@ def test_cli_search(setup):
         r = CliRunner().invoke(cli, base + args)
         assert r.exit_code == 2, r.output
         assert msg in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(400)
+def test_latency_aware_search_measures_the_final_plan(setup, tmp_path):
+    """--target: the latency table is measured (cached), the reward carries the latency term, the final
+    plan is compiled and measured with the fp32 model, and both numbers go into the plan and the log;
+    then latency:R with that table, and the errors."""
+    from cwhawq.latency import LatencyTable
+    from cwhawq.plan import load_plan, uniform_plan
+
+    d, cache = tmp_path, tmp_path / "cache"
+    base = ["search", setup["model"], "--data", setup["data"], "--sens", setup["sens"], "--episodes", "3",
+            "--warmup", "1", "--hidden", "16", "--val-samples", "100", "--latency-grid", "1", "--cache", str(cache)]
+    r = CliRunner().invoke(cli, base + ["--budget", "size:0.2", "--target", "llvm", "--out", str(d / "s.json"),
+                                        "--json"])
+    assert r.exit_code == 0, r.output
+    lat = json.loads(r.output.strip().splitlines()[-1])["latency"]
+    assert lat["target"] == "llvm" and lat["where"] == "local" and lat["batch"] == 1
+    for k in ("predicted_s", "measured_s", "measured_fp32_s", "table_fp32_s"):
+        assert lat[k] > 0, k
+    assert lat["measured_ratio"] == pytest.approx(lat["measured_s"] / lat["measured_fp32_s"])
+    assert lat["rel_error"] == pytest.approx(lat["predicted_s"] / lat["measured_s"] - 1)
+    assert lat["predicted_ratio"] == pytest.approx(lat["predicted_s"] / lat["table_fp32_s"])
+    plan = load_plan(str(d / "s.json"))
+    assert plan.meta["latency"] == lat and plan.metrics["size_ratio"] <= 0.2 + 1e-12
+    assert (d / "s.so").is_file() and (d / "s.manifest.json").is_file() and (d / "s.latency.json").is_file()
+    lines = [json.loads(x) for x in open(d / "s.jsonl").read().splitlines()]
+    assert len(lines) == 4 and lines[-1]["final"] and lines[-1]["latency"] == lat
+    fp32 = plan.meta["search"]["fp32_val_accuracy"]
+    for rec in lines[:-1]:   # default weight 1: R = 10 (acc - fp32) + (1 - predicted ratio)
+        assert rec["reward"] == pytest.approx(10 * (rec["accuracy"] - fp32) + 1 - rec["latency_ratio"], abs=1e-6)
+
+    table = LatencyTable.load(d / "s.latency.json")
+    w8 = table.ratio(uniform_plan(setup["infos"], 8, 8))
+    cheapest = min(table.ratio(uniform_plan(setup["infos"], w, 8)) for w in (2, 4, 8))
+    budget = f"latency:{max(w8, cheapest) + 1e-3:.6f}"
+    r = CliRunner().invoke(cli, base + ["--budget", budget, "--latency-table", str(d / "s.latency.json"),
+                                        "--latency-weight", "0", "--out", str(d / "l.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    lp = load_plan(str(d / "l.json"))
+    assert lp.meta["latency"]["predicted_ratio"] <= float(budget.split(":")[1]) * (1 + 1e-9)
+    assert "measured_s" not in lp.meta["latency"]   # no --target: nothing compiled
+    for args, msg in ((["--budget", "latency:0.9"], "needs a latency table"),
+                      (["--budget", "latency:0.001", "--latency-table", str(d / "s.latency.json")], "cannot be met"),
+                      (["--budget", "size:0.2", "--latency-table", str(d / "s.latency.json"), "--target", "cuda"],
+                       "is for target llvm"),
+                      (["--budget", "size:0.2", "--latency-table", str(d / "missing.json")], "not found")):
+        r = CliRunner().invoke(cli, base + args + ["--out", str(d / "e.json")])
+        assert r.exit_code == 2, r.output
+        assert msg in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -39,6 +39,11 @@ Budget enforcement (exact; least sensitive first)
       pass each layer demotes up to ceil(channels / 8) channels of its highest occupied level
       (8 -> 4 before 4 -> 2).
 
+    A measured latency need not fall with the bits (on a CPU a 2-bit kernel can be slower than a
+    4-bit one): the cheapest plan is then each layer at its cheapest pure bit levels, only demotions
+    that save time are taken, and when none is left the least sensitive layer still above its
+    cheapest levels is set to them, until the budget is met.
+
     Activations are only demoted when the budget depends on them (BOPs, latency). The budget is
     checked after every demotion, and the final check is the budget's own metric on the finished
     plan (:func:`cwhawq.plan.plan_metrics`, ``Budget.satisfied``), so every plan the environment
@@ -183,17 +188,30 @@ class QuantSearchEnv:
         self._a = [_Side(self.a_bits, s) for s in self.a_sens]
         lo = [(np.full(i.out_channels, self.w_bits[0]), np.full(i.in_channels, self.a_bits[0])) for i in self.infos]
         hi = [(np.full(i.out_channels, self.w_bits[-1]), np.full(i.in_channels, self.a_bits[-1])) for i in self.infos]
+        self._const = float(getattr(cost, "const", 0.0))
+        self._cheapest = None
+        if cost.separable:
+            # a measured latency need not fall with the bits (a 2-bit kernel can be slower than an 8-bit
+            # one): the cheapest and dearest plans are taken over each layer's pure bit levels
+            a_levels = self.a_bits if cost.depends_on_acts else (self.a_bits[-1],)
+            self._cheapest, self._cmin, self._cmax = [], np.zeros(self.L), np.zeros(self.L)
+            for k, i in enumerate(self.infos):
+                opts = [(cost.layer_cost(k, np.full(i.out_channels, w), np.full(i.in_channels, a)), w, a)
+                        for w in reversed(self.w_bits) for a in reversed(a_levels)]
+                c, w, a = min(opts, key=lambda o: o[0])
+                self._cheapest.append((w, a))
+                self._cmin[k], self._cmax[k] = c, max(o[0] for o in opts)
+            lo = [(np.full(i.out_channels, w), np.full(i.in_channels, a))
+                  for i, (w, a) in zip(self.infos, self._cheapest)]
         self._min_bits = lo
         self.min_total = cost.total(lo)
         self.max_total = cost.total(hi)
         if not budget.satisfied({cost.metric: self.min_total}):
-            raise BudgetError(f"budget {budget} cannot be met: with every channel at the lowest bits "
-                              f"({self.w_bits[0]}-bit weights, {self.a_bits[0]}-bit activations) "
-                              f"{cost.metric} is {self.min_total:.6g}")
-        if cost.separable:
-            self._cmin = np.array([cost.layer_cost(k, *lo[k]) for k in range(self.L)])
-            self._cmax = np.array([cost.layer_cost(k, *hi[k]) for k in range(self.L)])
-        else:
+            what = ("every layer at its cheapest bit levels" if cost.separable and cost.metric == "latency_ratio"
+                    else f"every channel at the lowest bits ({self.w_bits[0]}-bit weights, "
+                         f"{self.a_bits[0]}-bit activations)")
+            raise BudgetError(f"budget {budget} cannot be met: with {what} {cost.metric} is {self.min_total:.6g}")
+        if not cost.separable:
             self._cmin = np.zeros(self.L)
             self._cmax = np.array([cost.total(lo[:k] + [hi[k]] + lo[k + 1:]) - self.min_total for k in range(self.L)])
         self._range = self._cmax - self._cmin
@@ -267,7 +285,7 @@ class QuantSearchEnv:
     def _spent(self) -> float:
         """Cost with layers < t as chosen and layers >= t at the lowest bits."""
         if self.cost.separable:
-            return self._spent_sep + float(self._cmin[self.t:].sum())
+            return self._const + self._spent_sep + float(self._cmin[self.t:].sum())
         bits = [self._layer_bits(k) for k in range(self.t)] + self._min_bits[self.t:]
         return self.cost.total(bits)
 
@@ -388,12 +406,17 @@ class QuantSearchEnv:
         moves = [best_move(k) for k in range(self.L)]
         demotions = 0
         while True:
-            if self._limit_ok(float(lc.sum())) and self._exact_ok():
+            if self._limit_ok(self._const + float(lc.sum())) and self._exact_ok():
                 return demotions
             k = min(range(self.L), key=lambda q: moves[q][0])
             score, si, j = moves[k]
             if not math.isfinite(score):
-                raise BudgetError(f"budget {self.budget} cannot be met by this bit set")
+                # no demotion saves anything (costs that do not fall with the bits): move the least
+                # sensitive layer not yet there to its cheapest pure levels
+                k = self._to_cheapest(sides, bits, lc)
+                demotions += 1
+                moves[k] = best_move(k)
+                continue
             c = sides[si][k].counts
             c[j] -= 1
             c[j - 1] += 1
@@ -402,13 +425,24 @@ class QuantSearchEnv:
             lc[k] = self.cost.layer_cost(k, *bits[k])
             moves[k] = best_move(k)
 
+    def _to_cheapest(self, sides, bits, lc) -> int:
+        for k in self.order:
+            if self._cheapest is not None and lc[k] > self._cmin[k] + 1e-15:
+                w, a = self._cheapest[k]
+                for si, side in enumerate(sides):
+                    side[k].counts[:] = [side[k].n if b == (w if si == 0 else a) else 0 for b in side[k].bits]
+                bits[k] = self._layer_bits(k)
+                lc[k] = self.cost.layer_cost(k, *bits[k])
+                return k
+        raise BudgetError(f"budget {self.budget} cannot be met by this bit set")
+
     def _enforce_layers(self) -> int:
         bits = [self._layer_bits(k) for k in range(self.L)]
         sep = self.cost.separable
         lc = np.array([self.cost.layer_cost(k, *bits[k]) for k in range(self.L)]) if sep else None
 
         def total():
-            return float(lc.sum()) if sep else self.cost.total(bits)
+            return self._const + float(lc.sum()) if sep else self.cost.total(bits)
 
         demotions = 0
         sides = self._demotable_sides()
@@ -428,7 +462,7 @@ class QuantSearchEnv:
                         bits[k] = self._layer_bits(k)
                         if sep:
                             lc[k] = self.cost.layer_cost(k, *bits[k])
-                            if self._limit_ok(float(lc.sum())):
+                            if self._limit_ok(self._const + float(lc.sum())):
                                 done = True
                                 break
                     if not sep and moved:

@@ -41,8 +41,9 @@ CHECKPOINT_FORMAT = "cwhawq-search-checkpoint"
 CHECKPOINT_VERSION = 1
 PHASES = ("plan", "quantize", "evaluate", "update", "io")
 # options added after version 1 checkpoints were first written: their values in older checkpoints
-CONFIG_DEFAULTS = {"action_margin": 0.0}
+CONFIG_DEFAULTS = {"action_margin": 0.0, "latency_weight": 0.0, "latency": None}
 AGENT_DEFAULTS = {"greedy_every": 0}
+_TABLE_ID = ("model", "target", "batch", "where", "grid", "fp32", "shapes", "layers")  # what a latency table predicts from
 
 
 class SearchError(CwhawqError):
@@ -93,14 +94,16 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
            data_dir: str | None = None, log: str | None = None, checkpoint: str | None = None,
            checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
            calib_batches: int = 4, act_scale: str = "pow2", enforce: str = "omega", action_margin: float = 0.0,
-           latency=None, progress: bool = False, on_episode=None, **agent_options):
+           latency=None, latency_weight: float = 0.0, progress: bool = False, on_episode=None, **agent_options):
     """DDPG search of a channel-wise mixed-precision plan for ``model`` under ``budget``.
 
     Returns the best plan found (a :class:`cwhawq.plan.Plan`, method ``ddpg``, meeting the budget),
     written to ``out`` when given. ``agent_options`` are :class:`DDPGConfig` fields (warmup, hidden,
     lr_actor, lr_critic, tau, discount, batch_size, buffer_size, sigma, sigma_decay, sigma_min,
-    init_action, baseline_alpha, updates_per_step, greedy_every). ``latency``: a latency cost model for
-    ``latency:`` budgets (see :mod:`cwhawq.search.costs`). ``enforce`` (``omega`` or ``layers``) and
+    init_action, baseline_alpha, updates_per_step, greedy_every). ``latency``: a measured latency model,
+    a :class:`cwhawq.latency.LatencyTable` or a cost model (see :mod:`cwhawq.search.costs`): needed by
+    ``latency:`` budgets, and by ``latency_weight`` > 0, which adds ``latency_weight * (1 - T/T_fp32)``
+    (the predicted latency ratio) to the accuracy reward (see :mod:`cwhawq.search.reward`). ``enforce`` (``omega`` or ``layers``) and
     ``action_margin``: see :mod:`cwhawq.search.env`. ``on_episode(record)`` is called after every episode.
     """
     from .. import data as D
@@ -124,6 +127,10 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
         raise SearchError(f"enforce must be one of {', '.join(ENFORCE_MODES)}, got {enforce!r}")
     if reward not in REWARDS:
         raise SearchError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+    if not (math.isfinite(latency_weight) and latency_weight >= 0):
+        raise SearchError(f"latency_weight must be >= 0, got {latency_weight}")
+    if latency_weight and latency is None:
+        raise SearchError("a latency weight needs a latency table (--target T or --latency-table FILE)")
     unknown = set(agent_options) - set(DDPGConfig.__dataclass_fields__)
     if unknown:
         raise SearchError(f"unknown agent option(s): {', '.join(sorted(unknown))}")
@@ -145,7 +152,12 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     qm = qmodel_from_loaded(loaded)
     infos = qm.layer_infos
     sensitivity_by_layer(sens_d, infos, sens_src)
-    cost = make_cost_model(bud, infos, latency, tuple(sorted(set(w_set) | set(a_set))))
+    all_bits = tuple(sorted(set(w_set) | set(a_set)))
+    table = latency if hasattr(latency, "cost_model") else None
+    if table is not None:
+        latency = table.cost_model(infos)
+    lat_cost = None if latency is None else make_cost_model(Budget("latency", 1.0), infos, latency, all_bits)
+    cost = make_cost_model(bud, infos, latency, all_bits)
     if not 0.0 <= action_margin < 0.5:
         raise SearchError(f"action_margin must be in [0, 0.5), got {action_margin}")
     env = QuantSearchEnv(infos, sens_d, bud, cost, w_set, a_set, enforce=enforce, action_margin=action_margin)
@@ -161,6 +173,9 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
               "seed": int(seed), "reward": reward, "val_samples": int(val_samples),
               "finetune_steps": int(finetune_steps), "calib_batches": int(calib_batches), "act_scale": act_scale,
               "enforce": enforce, "action_margin": float(action_margin), "agent": cfg.to_dict(),
+              "latency_weight": float(latency_weight),
+              "latency": None if latency is None else (_sha1_json({k: table.data.get(k) for k in _TABLE_ID}) if table is not None
+                                                        else "model"),
               "layers": [i.name for i in infos],
               "sens_sha1": _sha1_json([[l.get("name"), l.get("weight", {}).get("trace"),
                                         l.get("activation", {}).get("trace")] for l in sens_d["layers"]])}
@@ -200,13 +215,13 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
         logctx = open(log_p, "a") if log_p is not None else contextlib.nullcontext()
         with _deferred_sigint() as sigint, logctx as logf:
             while ep < episodes:
-                rec, plan_d = _episode(ep, env, agent, evaluator, bud, cfg)
+                rec, plan_d = _episode(ep, env, agent, evaluator, bud, cfg, lat_cost, latency_weight)
                 for p in PHASES[:-1]:
                     totals[p] += rec["time"][p]
                 key = (rec["reward"], -rec["loss"])
                 if best is None or key > (best["reward"], -best["loss"]):
                     best = {"episode": ep, "reward": rec["reward"], "loss": rec["loss"], "accuracy": rec["accuracy"],
-                            "cost": rec["cost"], "plan": plan_d}
+                            "cost": rec["cost"], "latency_ratio": rec.get("latency_ratio"), "plan": plan_d}
                 rec["best_reward"], rec["best_episode"] = _round(best["reward"]), best["episode"]
                 t_io = time.perf_counter()
                 if logf is not None:
@@ -245,7 +260,7 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     plan.meta = {"search": {
         "algorithm": "ddpg", "episodes": ep, "seed": int(seed), "budget": str(bud), "w_bits": list(w_set),
         "a_bits": list(a_set), "reward": reward, "val_samples": len(val), "finetune_steps": int(finetune_steps),
-        "enforce": enforce, "action_margin": float(action_margin),
+        "enforce": enforce, "action_margin": float(action_margin), "latency_weight": float(latency_weight),
         "best_episode": best["episode"], "best_reward": best["reward"], "val_accuracy": best["accuracy"],
         "val_loss": best["loss"], "fp32_val_accuracy": evaluator.fp32_accuracy, "fp32_val_loss": evaluator.fp32_loss,
         "seconds": prev_elapsed + run_seconds, "setup_seconds": setup_seconds,
@@ -253,6 +268,12 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
         "log": str(log_p) if log_p else None, "checkpoint": str(ckpt_p) if ckpt_p else None}}
     if start > 0:
         plan.meta["search"]["resumed_at"] = start
+    if lat_cost is not None:
+        lat = {"predicted_ratio": lat_cost.exact(plan)}
+        if table is not None:
+            lat.update(predicted_s=table.predict(plan), table_fp32_s=table.fp32_seconds,
+                       target=table.data["target"]["name"], batch=table.data["batch"], where=table.data["where"])
+        plan.meta["latency"] = lat
     if out_p is not None:
         plan.save(out_p)
     return plan
@@ -272,7 +293,8 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _episode(ep: int, env: QuantSearchEnv, agent: DDPG, evaluator: PlanEvaluator, bud: Budget, cfg: DDPGConfig):
+def _episode(ep: int, env: QuantSearchEnv, agent: DDPG, evaluator: PlanEvaluator, bud: Budget, cfg: DDPGConfig,
+             lat_cost=None, latency_weight: float = 0.0):
     t0 = time.perf_counter()
     s = env.reset()
     with _one_thread():
@@ -285,6 +307,9 @@ def _episode(ep: int, env: QuantSearchEnv, agent: DDPG, evaluator: PlanEvaluator
     ev = evaluator(plan)
     t2 = time.perf_counter()
     R = ev["reward"]
+    lat = None if lat_cost is None else lat_cost.exact(plan)
+    if latency_weight:
+        R = R + latency_weight * (1.0 - lat)
     L = env.L
     for t in range(L):
         nxt = states[t + 1] if t + 1 < L else np.zeros_like(states[t])
@@ -298,7 +323,7 @@ def _episode(ep: int, env: QuantSearchEnv, agent: DDPG, evaluator: PlanEvaluator
     t3 = time.perf_counter()
     m = plan_metrics(plan, env.infos)
     rec = {"episode": ep, "reward": _round(R, 8), "accuracy": ev["accuracy"], "loss": _round(ev["loss"], 8),
-           "cost": _round(info["cost"], 8), "budget": str(bud),
+           "cost": _round(info["cost"], 8), "budget": str(bud), "latency_ratio": _round(lat),
            "metrics": {k: _round(m[k], 6) for k in ("size_ratio", "avg_w_bits", "avg_a_bits", "bops_ratio")},
            "w_ratios": info["w_ratios"], "a_ratios": info["a_ratios"], "demotions": info["demotions"],
            "explore": "random" if ep < cfg.warmup else ("greedy" if agent.greedy(ep) else "noise"),
