@@ -121,8 +121,9 @@ def parse_bits(s) -> tuple[int, ...]:
 
 
 def make_plan(method: str, model: str, sens=None, budget: str | None = None, bits="2,4,8", w_bits: int = 8,
-              a_bits="8", out: str | None = None) -> "Plan":
-    """A baseline plan (uniform, hawq-v3, cw-greedy) for a model under a budget."""
+              a_bits="8", out: str | None = None, latency_table=None) -> "Plan":
+    """A baseline plan (uniform, hawq-v3, cw-greedy) for a model under a budget (``latency:R`` with
+    ``latency_table``, a file or :class:`cwhawq.latency.LatencyTable`: uniform and hawq-v3)."""
     from . import baselines as B
     from .errors import PlanError
     from .graph import qmodel_from_loaded
@@ -137,18 +138,25 @@ def make_plan(method: str, model: str, sens=None, budget: str | None = None, bit
     a = "mixed" if str(a_bits) == "mixed" else int(a_bits)
     loaded = load_model(model)
     infos = qmodel_from_loaded(loaded).layer_infos
+    table = latency_table
+    if table is not None and not hasattr(table, "cost_model"):
+        from .latency import LatencyTable
+
+        table = LatencyTable.load(table)
     if method == "uniform":
         if a == "mixed":
             raise PlanError("uniform plans take one activation bit-width (--a-bits N)")
-        plan = B.uniform(infos, int(w_bits), a, bud, bit_set)
+        plan = B.uniform(infos, int(w_bits), a, bud, bit_set, latency=table)
     else:
         if bud is None:
             raise PlanError(f"{method} needs --budget")
         if sens is None:
             raise PlanError(f"{method} needs --sens (from cwhawq analyze)")
         s = load_sensitivity(sens) if not isinstance(sens, dict) else sens
-        fn = B.hawq_v3 if method == "hawq-v3" else B.cw_greedy
-        plan = fn(infos, s, bud, bit_set, a)
+        if method == "hawq-v3":
+            plan = B.hawq_v3(infos, s, bud, bit_set, a, latency=table)
+        else:
+            plan = B.cw_greedy(infos, s, bud, bit_set, a)
     plan.model = model
     if out:
         plan.save(out)

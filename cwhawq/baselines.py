@@ -43,23 +43,40 @@ def _omega(rec: dict, side: str, b: int) -> np.ndarray:
     return np.asarray(om[str(b)], dtype=np.float64)
 
 
-def _check(plan: Plan, infos, budget: Budget | None) -> Plan:
+def _latency_cost(infos, budget: Budget | None, latency):
+    """The latency cost model of a ``latency:R`` budget (a LatencyTable or a separable cost model)."""
+    if budget is None or budget.kind != "latency":
+        return None
+    if latency is None:
+        raise PlanError(f"budget {budget} needs a latency table (--latency-table, from cwhawq latency-table)")
+    cm = latency.cost_model(infos) if hasattr(latency, "cost_model") else latency
+    if not getattr(cm, "separable", False):
+        raise PlanError("the baselines need a separable latency model (a latency table)")
+    return cm
+
+
+def _check(plan: Plan, infos, budget: Budget | None, latency=None) -> Plan:
     plan.metrics = plan_metrics(plan, infos)
+    cm = _latency_cost(infos, budget, latency)
+    if cm is not None:
+        plan.metrics["latency_ratio"] = cm.exact(plan)
     if budget is not None:
         plan.budget = str(budget)
         plan.metrics["meets_budget"] = budget.satisfied(plan.metrics)
     return plan
 
 
-def uniform(infos, w_bits: int = 8, a_bits: int = 8, budget: Budget | None = None, bit_set=None) -> Plan:
+def uniform(infos, w_bits: int = 8, a_bits: int = 8, budget: Budget | None = None, bit_set=None,
+            latency=None) -> Plan:
     bit_set = tuple(sorted(set(bit_set or (2, 4, 8)) | {w_bits, a_bits}))
     plan = Plan([LayerPlan(i.name, [w_bits] * i.out_channels, [a_bits] * i.in_channels) for i in infos],
                 bit_set, method="uniform")
-    return _check(plan, infos, budget)
+    return _check(plan, infos, budget, latency)
 
 
-def _cost_fns(infos, budget: Budget):
-    """Per-layer cost(w_bits mean, a_bits mean) in the budget's unit and the budget limit."""
+def _cost_fns(infos, budget: Budget, latency=None):
+    """Per-layer cost(w_bits mean, a_bits mean) in the budget's unit and the budget limit (latency:
+    the measured table's per-layer share of the fp32 latency at one bit-width per layer)."""
     if budget.kind == "size":
         limit = budget.value * fp32_bytes(infos)
         return (lambda i, wb, ab: i.params * wb / 8.0 + SCALE_BYTES * i.out_channels), limit
@@ -69,15 +86,23 @@ def _cost_fns(infos, budget: Budget):
     if budget.kind == "bops":
         limit = budget.value * sum(i.macs * 32 * 32 for i in infos)
         return (lambda i, wb, ab: i.macs * wb * ab), limit
-    raise PlanError(f"budget {budget} is not supported by the baselines (size, bits or bops)")
+    if budget.kind == "latency":
+        cm = _latency_cost(infos, budget, latency)
+        idx = {i.name: k for k, i in enumerate(infos)}
+
+        def lat(i, wb, ab):
+            return cm.layer_cost(idx[i.name], np.full(i.out_channels, int(wb)), np.full(i.in_channels, int(ab)))
+        return lat, budget.value - float(getattr(cm, "const", 0.0))
+    raise PlanError(f"budget {budget} is not supported by the baselines (size, bits, bops or latency)")
 
 
-def hawq_v3(infos, sens: dict, budget: Budget, bit_set=(2, 4, 8), a_bits: int | str = 8) -> Plan:
-    """Layer-wise ILP (one weight bit-width per layer; activation bits fixed or chosen per layer)."""
+def hawq_v3(infos, sens: dict, budget: Budget, bit_set=(2, 4, 8), a_bits: int | str = 8, latency=None) -> Plan:
+    """Layer-wise ILP (one weight bit-width per layer; activation bits fixed or chosen per layer).
+    ``latency:R`` budgets (HAWQ-V3's latency constraint) take the measured table as ``latency``."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     by = _sens_by_layer(sens, infos)
-    cost, limit = _cost_fns(infos, budget)
+    cost, limit = _cost_fns(infos, budget, latency)
     a_set = tuple(bit_set) if a_bits == "mixed" else (int(a_bits),)
     options, c, costs, rows = [], [], [], []
     for li, i in enumerate(infos):
@@ -112,7 +137,7 @@ def hawq_v3(infos, sens: dict, budget: Budget, bit_set=(2, 4, 8), a_bits: int | 
         layers.append(LayerPlan(i.name, [bw] * i.out_channels, [ba] * i.in_channels))
     plan = Plan(layers, tuple(sorted(set(bit_set) | set(a_set))), method="hawq-v3")
     plan.meta = {"a_bits": a_bits, "objective": float(np.dot(c, res.x))}
-    return _check(plan, infos, budget)
+    return _check(plan, infos, budget, latency)
 
 
 def cw_greedy(infos, sens: dict, budget: Budget, bit_set=(2, 4, 8), a_bits: int | str = 8) -> Plan:
@@ -120,6 +145,9 @@ def cw_greedy(infos, sens: dict, budget: Budget, bit_set=(2, 4, 8), a_bits: int 
     by = _sens_by_layer(sens, infos)
     bits_sorted = sorted(bit_set)
     mixed_a = a_bits == "mixed"
+    if budget.kind == "latency":
+        raise PlanError("cw-greedy does not take latency budgets (a channel's latency is not additive): "
+                        "use hawq-v3 or cwhawq search")
     cost, limit = _cost_fns(infos, budget)
     w = {i.name: np.full(i.out_channels, bits_sorted[0], dtype=np.int64) for i in infos}
     a = {i.name: np.full(i.in_channels, bits_sorted[0] if mixed_a else int(a_bits), dtype=np.int64) for i in infos}

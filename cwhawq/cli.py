@@ -179,7 +179,9 @@ def _plan_options(fn):
     fn = click.option("--a-bits", default="8", show_default=True,
                       help="Activation bits: N for all channels, or 'mixed' (chosen with the weights).")(fn)
     fn = click.option("--bits", default="2,4,8", show_default=True, help="Bit set.")(fn)
-    fn = click.option("--budget", default=None, help="size:R, bits:B or bops:R.")(fn)
+    fn = click.option("--latency-table", default=None,
+                      help="Latency table (cwhawq latency-table) for latency:R budgets.")(fn)
+    fn = click.option("--budget", default=None, help="size:R, bits:B, bops:R or latency:R (with --latency-table).")(fn)
     return fn
 
 
@@ -188,6 +190,7 @@ def _report_plan(plan, out, as_json):
     emit({"method": plan.method, "out": out, **m}, as_json,
          f"{plan.method}: avg weight bits {m['avg_w_bits']:.3f}, avg act bits {m['avg_a_bits']:.3f}, size "
          f"{m['weight_bytes'] / 1024:.1f} KiB ({m['size_ratio']:.4f} of fp32), BOPs ratio {m['bops_ratio']:.5f}"
+         + (f", predicted latency {m['latency_ratio']:.3f} x fp32" if "latency_ratio" in m else "")
          + ("" if m.get("meets_budget", True) else "  [does NOT meet the budget]") + f" -> {out}")
 
 
@@ -198,10 +201,11 @@ for _method in ("hawq-v3", "cw-greedy"):
         @click.option("--sens", required=True, help="Sensitivity JSON from cwhawq analyze.")
         @_plan_options
         @handled
-        def cmd(model, sens, budget, bits, a_bits, out, as_json):
+        def cmd(model, sens, budget, latency_table, bits, a_bits, out, as_json):
             from . import api
 
-            plan = api.make_plan(method, model, sens=sens, budget=budget, bits=bits, a_bits=a_bits, out=out)
+            plan = api.make_plan(method, model, sens=sens, budget=budget, bits=bits, a_bits=a_bits, out=out,
+                                 latency_table=latency_table)
             _report_plan(plan, out, as_json)
         return cmd
     _make(_method)
@@ -212,11 +216,12 @@ for _method in ("hawq-v3", "cw-greedy"):
 @click.option("--w-bits", default=8, show_default=True, type=int)
 @_plan_options
 @handled
-def plan_uniform(model, w_bits, budget, bits, a_bits, out, as_json):
+def plan_uniform(model, w_bits, budget, latency_table, bits, a_bits, out, as_json):
     """Every channel at --w-bits / --a-bits (reports whether --budget is met)."""
     from . import api
 
-    plan = api.make_plan("uniform", model, budget=budget, bits=bits, w_bits=w_bits, a_bits=a_bits, out=out)
+    plan = api.make_plan("uniform", model, budget=budget, bits=bits, w_bits=w_bits, a_bits=a_bits, out=out,
+                         latency_table=latency_table)
     _report_plan(plan, out, as_json)
 
 
@@ -238,7 +243,8 @@ def plan_from_onnx_cmd(onnx_path, out, as_json):
 
 @cli.command("export")
 @click.argument("model")
-@click.option("--plan", "plan_path", required=True, help="Bit plan (JSON) to export.")
+@click.option("--plan", "plan_path", default=None, help="Bit plan (JSON) to export (required unless --fp32).")
+@click.option("--fp32", is_flag=True, help="Export the float model instead (batch norms folded, no QDQ).")
 @click.option("--out", required=True, help="ONNX file to write (e.g. model.q.onnx).")
 @click.option("--format", "fmt", default="qdq", show_default=True, type=click.Choice(["qdq", "int8-container"]),
               help="qdq: INT8/INT4/INT2 weight groups; int8-container: every group INT8 (opset 17+).")
@@ -257,10 +263,17 @@ def plan_from_onnx_cmd(onnx_path, out, as_json):
               help="Also measure simulated and onnxruntime accuracy on this split (recorded in the file).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handled
-def export_cmd(model, plan_path, out, fmt, opset, data_spec, data_dir, calib_batches, act_scale, finetune_epochs,
-               sens, verify, eval_split, as_json):
+def export_cmd(model, plan_path, fp32, out, fmt, opset, data_spec, data_dir, calib_batches, act_scale,
+               finetune_epochs, sens, verify, eval_split, as_json):
     """Export MODEL (zoo:NAME or .pt2) under a bit plan to ONNX (QDQ, per-channel mixed precision)."""
-    from .export import export_onnx, summary_text
+    from .export import export_fp32, export_onnx, summary_text
+
+    if fp32 == (plan_path is not None):
+        raise CwhawqError("export: give either --plan PLAN or --fp32")
+    if fp32:
+        export_fp32(model, out)
+        emit({"out": out, "fp32": True}, as_json, f"fp32 model -> {out}")
+        return
 
     rep = export_onnx(model, plan_path, out, data=data_spec, fmt=fmt, opset=opset, data_dir=data_dir,
                       calib_batches=calib_batches, act_scale=act_scale, finetune_epochs=finetune_epochs,
@@ -274,17 +287,21 @@ def export_cmd(model, plan_path, out, fmt, opset, data_spec, data_dir, calib_bat
 @data_option
 @data_dir_option
 @click.option("--budget", default="bits:3", show_default=True, help="Budget of the searched and baseline plans.")
-@click.option("--episodes", default=120, show_default=True, type=click.IntRange(1), help="DDPG episodes.")
-@click.option("--quick", is_flag=True, help="A short run (about 3 minutes): fewer episodes, 2000 test images.")
+@click.option("--episodes", default=200, show_default=True, type=click.IntRange(1), help="DDPG episodes.")
+@click.option("--quick", is_flag=True, help="A short run (under 3 minutes): at most 60 episodes, 2000 test "
+                                            "images, only the CW-HAWQ plan compiled.")
 @click.option("--no-compile", is_flag=True, help="Skip TVM compilation and latency.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True,
+              help="Continue the search of an interrupted demo (same --out) from its checkpoint.")
 @handled
-def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_compile, seed):
+def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_compile, seed, resume):
     """The whole pipeline: analyze, search, export, compile, bench, and a report in --out."""
     from .demo import DemoConfig, run_demo
 
     res = run_demo(DemoConfig(out=out_dir, model=model, data=data_spec, data_dir=data_dir, budget=budget,
-                              episodes=episodes, quick=quick, seed=seed, compile=not no_compile), echo=click.echo)
+                              episodes=episodes, quick=quick, seed=seed, compile=not no_compile, resume=resume),
+                   echo=click.echo)
     click.echo(f"report written to {res['report']}")
 
 

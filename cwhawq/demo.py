@@ -8,18 +8,18 @@ On a model (default ``zoo:resnet20-fmnist``) and dataset (default Fashion-MNIST)
    ``cw-greedy`` and the CW-HAWQ DDPG search;
 4. simulated test accuracy of each plan;
 5. export of the CW-HAWQ plan (and fp32) to ONNX, checked with onnxruntime;
-6. compilation for the host CPU with TVM and our kernels, and latency measured on this machine;
-7. ``report.md`` in DIR with the table, the Pareto plot, a per-layer chart of channel bits, and the
-   commands that reproduce each step.
+6. compilation for the host CPU with TVM and our kernels, and latency measured on this machine: every
+   artifact and the fp32 ONNX file in onnxruntime, in the same three rounds of 100 short runs
+   (:func:`cwhawq.latency.measure_artifacts`, the statistics of ``cwhawq bench``);
+7. ``report.md`` in DIR with the table, the Pareto plots (accuracy against size and against measured
+   latency), a per-layer chart of channel bits, and the commands that reproduce each step.
 
 Every number in the report is measured in the run that writes it.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,11 +37,12 @@ class DemoConfig:
     data: str = "fashion-mnist"
     data_dir: str | None = None
     budget: str = "bits:3"
-    episodes: int = 120
+    episodes: int = 200
     quick: bool = False
     seed: int = 0
     test_limit: int | None = None
     compile: bool = True
+    resume: bool = False
 
 
 @dataclass
@@ -70,38 +71,8 @@ class Log:
         self.commands.append((what, "cwhawq " + " ".join(shlex.quote(str(a)) for a in argv)))
 
 
-def _time_in_subprocess(code: str, timeout: float = 600) -> dict:
-    """Run a timing snippet in a fresh process (TVM's spinning thread pool must not disturb others)."""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "timing failed")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def time_onnxruntime(onnx_path: str, shape, repeat: int = 200) -> float:
-    code = f"""
-import json, time, numpy as np, onnxruntime as ort
-s = ort.InferenceSession({str(onnx_path)!r}, providers=["CPUExecutionProvider"])
-x = np.random.default_rng(0).random({tuple(shape)!r}, dtype=np.float32)
-n = s.get_inputs()[0].name
-for _ in range(20): s.run(None, {{n: x}})
-ts = []
-for _ in range({repeat}):
-    t = time.perf_counter(); s.run(None, {{n: x}}); ts.append(time.perf_counter() - t)
-print(json.dumps({{"median": float(np.median(ts))}}))
-"""
-    return _time_in_subprocess(code)["median"]
-
-
-def time_artifact(path: str, shape) -> float:
-    code = f"""
-import json, numpy as np
-from cwhawq.backends.tvm import load_artifact
-a = load_artifact({str(path)!r})
-x = np.random.default_rng(0).random({tuple(shape)!r}, dtype=np.float32)
-print(json.dumps({{"median": a.time([x], number=20, repeat=7)}}))
-"""
-    return _time_in_subprocess(code)["median"]
+QUICK_EPISODES = 60
+QUICK_TEST_IMAGES = 2000
 
 
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
@@ -118,8 +89,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     (out / "plans").mkdir(parents=True, exist_ok=True)
     log = Log(echo)
     budget = parse_budget(cfg.budget)
-    test_limit = cfg.test_limit or (2000 if cfg.quick else None)
-    episodes = min(cfg.episodes, 20) if cfg.quick else cfg.episodes
+    test_limit = cfg.test_limit or (QUICK_TEST_IMAGES if cfg.quick else None)
+    episodes = min(cfg.episodes, QUICK_EPISODES) if cfg.quick else cfg.episodes
 
     log.stage(f"loading {cfg.model} and {cfg.data}")
     loaded = load_model(cfg.model)
@@ -129,15 +100,18 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     train = D.load(cfg.data, "train", cfg.data_dir)
     fp32_acc = accuracy(qm, test)
     log.stage(f"fp32 accuracy {fp32_acc * 100:.2f}% on {len(test)} test images")
-    log.cmd("fp32 accuracy", "eval", cfg.model, "--data", cfg.data, "--json")
+    dargs = ["--data", cfg.data] + (["--data-dir", cfg.data_dir] if cfg.data_dir else [])
+    limit = ["--limit", test_limit] if test_limit else []
+    log.cmd("fp32 accuracy", "eval", cfg.model, *dargs, *limit)
 
     log.stage("channel-wise Hessian analysis")
-    sens = analyze(qm, train, model_name=cfg.model, batch_size=128 if not cfg.quick else 64)
+    sens_batch = 64 if cfg.quick else 128
+    sens = analyze(qm, train, model_name=cfg.model, batch_size=sens_batch)
     write_json(out / "sens.json", sens, indent=None)
     plot_sensitivity(sens, out / "sens.png")
     log.stage(f"  {len(sens['layers'])} layers, scheme {sens['scheme']}, {sens['seconds']:.1f} s")
-    log.cmd("sensitivity", "analyze", cfg.model, "--data", cfg.data, "--out", out / "sens.json", "--plot",
-            out / "sens.png")
+    log.cmd("sensitivity", "analyze", cfg.model, *dargs, "--batch-size", sens_batch, "--out", out / "sens.json",
+            "--plot", out / "sens.png")
 
     plans = {"uniform W8A8": B.uniform(infos, 8, 8), "uniform W4A8": B.uniform(infos, 4, 8),
              "hawq-v3": B.hawq_v3(infos, sens, budget), "cw-greedy": B.cw_greedy(infos, sens, budget)}
@@ -155,12 +129,20 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
 
     search_dir = out / "search"
     search_dir.mkdir(exist_ok=True)
+    tty = sys.stderr.isatty()
+    every = max(1, episodes // 10)
+
+    def on_episode(rec):   # without a terminal (make demo > log) a line every tenth of the search
+        if not tty and ((rec["episode"] + 1) % every == 0 or rec["episode"] + 1 == episodes):
+            log.stage(f"  episode {rec['episode'] + 1}/{episodes}: best val accuracy so far at episode "
+                      f"{rec['best_episode']} (reward {rec['best_reward']:.4f})")
     plans["CW-HAWQ (DDPG)"] = ddpg_search(cfg.model, data=cfg.data, sens=sens, budget=cfg.budget, episodes=episodes,
                                           out=str(out / "plans" / "cw-hawq.json"), seed=cfg.seed,
                                           data_dir=cfg.data_dir, log=str(search_dir / "log.jsonl"),
-                                          checkpoint=str(search_dir / "checkpoint.pt"), progress=True,
+                                          checkpoint=str(search_dir / "checkpoint.pt"), progress=tty,
+                                          resume=cfg.resume, on_episode=on_episode,
                                           warmup=min(20, max(2, episodes // 4)))
-    log.cmd("plan CW-HAWQ (DDPG search)", "search", cfg.model, "--data", cfg.data, "--sens", out / "sens.json",
+    log.cmd("plan CW-HAWQ (DDPG search)", "search", cfg.model, *dargs, "--sens", out / "sens.json",
             "--budget", cfg.budget, "--episodes", episodes, "--warmup", min(20, max(2, episodes // 4)), "--seed", cfg.seed,
             "--out", out / "plans" / "cw-hawq.json")
 
@@ -174,16 +156,18 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                         if "DDPG" not in key else str(out / "plans" / "cw-hawq.json"),
                         acc, m["weight_bytes"] / 1024, m["avg_w_bits"], m["avg_a_bits"], m["bops_ratio"]))
         log.stage(f"  {key:<16} {acc * 100:6.2f}%  W {m['avg_w_bits']:.2f} bits  {m['weight_bytes'] / 1024:.1f} KiB")
+        log.cmd(f"accuracy {key}", "eval", cfg.model, *dargs, *limit, "--plan", rows[-1].plan)
     qm.reset()
 
     # which plans go all the way to a compiled artifact: every one in a full run, CW-HAWQ in --quick
-    deployed = ["CW-HAWQ (DDPG)"] if cfg.quick else [k for k in plans if k != "cw-greedy"]
+    deployed = ["CW-HAWQ (DDPG)"] if cfg.quick else list(plans)
     log.stage(f"export to ONNX: fp32 and {', '.join(deployed)}")
     from .export import export_fp32, export_onnx
 
     rows_by = {r.name: r for r in rows}
     onnx_files = {"fp32": out / "fp32.onnx"}
     export_fp32(loaded, str(onnx_files["fp32"]))
+    log.cmd("export fp32", "export", cfg.model, "--fp32", "--out", onnx_files["fp32"])
     for key in deployed:
         slug = key.split(" (")[0].replace(" ", "_").lower()
         onnx_files[key] = out / f"{slug}.onnx"
@@ -192,22 +176,31 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                            meta={"method": plans[key].method or key, "budget": cfg.budget})
         if summ.get("accuracy"):
             rows_by[key].extra["onnxruntime_accuracy"] = summ["accuracy"].get("onnxruntime")
-        log.cmd(f"export {key}", "export", cfg.model, "--plan", rows_by[key].plan, "--out", onnx_files[key])
+        log.cmd(f"export {key}", "export", cfg.model, *dargs, "--plan", rows_by[key].plan, "--out", onnx_files[key],
+                "--eval", "test")
         log.stage(f"  {key}: {onnx_files[key]} ({onnx_files[key].stat().st_size / 1024:.0f} KiB)")
 
-    shape = (1, *loaded.input_shape)
     if cfg.compile:
         from .backends.tvm import compile_model
+        from .latency import measure_artifacts
 
-        log.stage("compile for the host CPU (TVM + packed kernels) and measure latency, batch 1")
-        rows_by["fp32"].extra["onnxruntime_ms"] = time_onnxruntime(str(onnx_files["fp32"]), shape) * 1e3
+        log.stage("compile for the host CPU (TVM + packed kernels)")
+        arts = []
         for name, src in onnx_files.items():
             art = out / (Path(src).stem + ".so")
-            compile_model(src, target="llvm", out=art)
-            rows_by[name].latency_ms = time_artifact(str(art), shape) * 1e3
-            log.cmd(f"compile {name}", "compile", src, "--target", "llvm", "--out", art)
+            compile_model(src, target="llvm", out=art, batch=1)
+            arts.append((art, name))
+            log.cmd(f"compile {name}", "compile", src, "--target", "llvm", "--batch", 1, "--out", art)
             log.cmd(f"bench {name}", "bench", art)
-            log.stage(f"  {name}: TVM {rows_by[name].latency_ms:.3f} ms")
+            log.stage(f"  {name}: {art} ({art.stat().st_size / 1024:.0f} KiB)")
+        log.cmd("bench fp32 in onnxruntime", "bench", onnx_files["fp32"])
+        log.stage("measure latency, batch 1: every artifact and fp32 in onnxruntime, 3 rounds")
+        res = measure_artifacts(arts + [(onnx_files["fp32"], "fp32 onnxruntime")], "cpu", 1)
+        for r in res[:-1]:
+            rows_by[r["name"]].latency_ms = r["measured_s"] * 1e3
+            log.stage(f"  {r['name']:<16} {r['measured_s'] * 1e3:.3f} ms")
+        rows_by["fp32"].extra["onnxruntime_ms"] = res[-1]["measured_s"] * 1e3
+        log.stage(f"  fp32 onnxruntime {res[-1]['measured_s'] * 1e3:.3f} ms")
 
     report = write_report(cfg, out, rows, sens, plans["CW-HAWQ (DDPG)"], infos, log)
     log.stage(f"report: {report}")
@@ -222,15 +215,21 @@ def write_report(cfg, out: Path, rows, sens, plan, infos, log) -> Path:
 
     from .io import write_text
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for r in rows:
-        ax.scatter(r.size_kib, r.accuracy * 100, s=40)
-        ax.annotate(r.name, (r.size_kib, r.accuracy * 100), fontsize=8, xytext=(4, 2), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("weight size (KiB, packed)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{cfg.model}, budget {cfg.budget}")
-    ax.grid(alpha=0.3)
+    timed = [r for r in rows if r.latency_ms is not None]
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 6.5, 4.2), squeeze=False)
+    panels = [(axes[0][0], rows, lambda r: r.size_kib, "weight size (KiB, packed)", True)]
+    if timed:
+        panels.append((axes[0][1], timed, lambda r: r.latency_ms, "measured latency, batch 1, this CPU (ms)", False))
+    for ax, rs, x, xlabel, logx in panels:
+        for r in rs:
+            ax.scatter(x(r), r.accuracy * 100, s=40)
+            ax.annotate(r.name, (x(r), r.accuracy * 100), fontsize=8, xytext=(4, 2), textcoords="offset points")
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{cfg.model}, budget {cfg.budget}")
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=110)
     plt.close(fig)
@@ -252,25 +251,30 @@ def write_report(cfg, out: Path, rows, sens, plan, infos, log) -> Path:
     plt.close(fig)
 
     ort = next((r.extra.get("onnxruntime_ms") for r in rows if r.name == "fp32"), None)
+    fp32_ms = next((r.latency_ms for r in rows if r.name == "fp32"), None)
     lines = [f"# cwhawq demo report", "",
              f"cwhawq {__version__}, {cfg.model} on {cfg.data}, budget `{cfg.budget}`, "
              f"{'quick' if cfg.quick else 'full'} run of {time.time() - log.t0:.0f} s on {os.cpu_count()} cores. "
              f"All numbers below were measured in this run.", "",
-             "| method | test accuracy | avg W bits | avg A bits | weight size (KiB) | BOPs ratio | latency batch 1, TVM llvm (ms) |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | test accuracy | avg W bits | avg A bits | weight size (KiB) | BOPs ratio | "
+             "latency batch 1, TVM llvm (ms) | latency vs fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = f"{r.latency_ms:.3f}" if r.latency_ms is not None else "-"
+        rel = f"{r.latency_ms / fp32_ms:.2f}x" if r.latency_ms is not None and fp32_ms else "-"
         lines.append(f"| {r.name} | {r.accuracy * 100:.2f}% | {r.avg_w_bits:.2f} | {r.avg_a_bits:.2f} | "
-                     f"{r.size_kib:.1f} | {r.bops_ratio:.4f} | {lat} |")
+                     f"{r.size_kib:.1f} | {r.bops_ratio:.4f} | {lat} | {rel} |")
     if ort is not None:
-        lines += ["", f"- onnxruntime fp32 on the same CPU, batch 1: {ort:.3f} ms (a separate process). The TVM "
-                      f"latencies are of the compiled artifacts (our packed kernels; fp32 layers on our fp32 kernels), "
-                      f"median of TVM's time evaluator."]
+        lines += ["", f"- Latency: the compiled artifacts (our packed integer kernels; fp32 on our fp32 kernels) and, "
+                      f"for reference, the fp32 ONNX file in onnxruntime ({ort:.3f} ms), all measured on this CPU in "
+                      f"the same three rounds, each a median of 100 short runs in a separate worker process "
+                      f"(`cwhawq bench` statistics), lowest round kept."
+                      + (" --quick compiles only the CW-HAWQ plan." if cfg.quick else "")]
     for r in rows:
         if r.extra.get("onnxruntime_accuracy") is not None:
             lines += [f"- exported {r.name} ONNX in onnxruntime: {r.extra['onnxruntime_accuracy'] * 100:.2f}% "
                       f"(simulation {r.accuracy * 100:.2f}%)."]
-    lines += ["", "![accuracy against size](pareto.png)", "", "![channel bits per layer](bits.png)", "",
+    lines += ["", "![accuracy against size and latency](pareto.png)", "", "![channel bits per layer](bits.png)", "",
               "![channel-wise Hessian traces](sens.png)", "", "## Reproduce each step", ""]
     lines += [f"- {what}: `{cmd}`" for what, cmd in log.commands]
     path = out / "report.md"

@@ -23,8 +23,10 @@ What is measured
     Layers of equal shape (resnet20 repeats most of its 22) are measured once.
 
 Prediction (``LatencyTable.predict(plan) -> seconds``)
-    ``T(plan) = overhead + sum over layers of L(layer, mix, D)``, with ``L`` linearly interpolated
-    on the grid (barycentric, on the grid's triangulation of the simplex) and
+    ``T(plan) = overhead + sum over layers of L(layer, mix, D)``, with ``L`` from :func:`mix_cost`:
+    linear in the class fractions between the three pure points, plus the extra cost of every
+    additional group of channels the mix creates (each storage class present is a separate kernel
+    group), measured on the grid's mixed points of the same face of the simplex, and
     ``overhead = T_fp32_model - sum over layers of L_fp32(layer)``: the measured latency of the
     whole fp32 model compiled for the target minus its layers measured alone. It holds what is not
     a layer (normalisation, pooling, the unfused adds) and is *negative* when per-call costs
@@ -129,6 +131,57 @@ def interpolate(values: dict[tuple[int, int], float], grid: int, r8: float, r4: 
             raise LatencyError(f"latency table misses grid point {p} (grid {grid})")
         total += wgt * values[p]
     return total
+
+
+def _classes_present(r8: float, r4: float, r2: float) -> tuple[int, ...]:
+    return tuple(c for c, x in zip(BIT_CLASSES, (r8, r4, r2)) if x > 1e-12)
+
+
+def face_extras(values: dict[tuple[int, int], float], grid: int) -> dict[tuple[int, ...], float]:
+    """Extra cost of mixing storage classes, per face of the simplex (a set of classes present).
+
+    A face's extra is the mean, over the grid points inside it, of (measured value - the linear
+    blend of the pure points); a face with no grid point inside (the three-class face at grid 2)
+    gets twice the mean extra of the two-class faces (two extra kernel groups instead of one)."""
+    def pure(c):
+        p = {8: (grid, 0), 4: (0, grid), 2: (0, 0)}[c]
+        if p not in values:
+            raise LatencyError(f"latency table misses grid point {p} (grid {grid})")
+        return values[p]
+
+    lin = {c: pure(c) for c in BIT_CLASSES}
+    sums: dict[tuple[int, ...], list[float]] = {}
+    for (i, j), v in values.items():
+        r = (i / grid, j / grid, (grid - i - j) / grid)
+        face = _classes_present(*r)
+        if len(face) > 1:
+            sums.setdefault(face, []).append(v - sum(x * lin[c] for c, x in zip(BIT_CLASSES, r)))
+    out = {face: float(np.mean(v)) for face, v in sums.items()}
+    pairs = [out[f] for f in ((8, 4), (8, 2), (4, 2)) if f in out]
+    if (8, 4, 2) not in out and pairs:
+        out[(8, 4, 2)] = 2.0 * float(np.mean(pairs))
+    return out
+
+
+def mix_cost(values: dict[tuple[int, int], float], grid: int, r8: float, r4: float, extras=None) -> float:
+    """Cost of a layer at class fractions (r8, r4, 1 - r8 - r4): the linear blend of the pure points
+    plus the extra of the face the mix lies on (:func:`face_extras`). Exact for costs linear in the
+    fractions plus a constant per set of classes present (kernel groups)."""
+    r8, r4 = min(max(r8, 0.0), 1.0), min(max(r4, 0.0), 1.0)
+    if r8 + r4 > 1.0:
+        r8, r4 = r8 / (r8 + r4), r4 / (r8 + r4)
+    r = (r8, r4, max(0.0, 1.0 - r8 - r4))
+    pure = [values.get(p) for p in ((grid, 0), (0, grid), (0, 0))]
+    if any(v is None for v in pure):
+        raise LatencyError(f"latency table misses a pure grid point (grid {grid})")
+    base = sum(x * v for x, v in zip(r, pure))
+    face = _classes_present(*r)
+    if len(face) <= 1:
+        return base
+    extras = face_extras(values, grid) if extras is None else extras
+    if face not in extras:  # grid 1 has no mixed point: nothing measured about mixing
+        return interpolate(values, grid, r8, r4)
+    return base + extras[face]
 
 
 def act_digits(ranges, signed: bool, a_bits) -> int:
@@ -384,6 +437,8 @@ class LatencyTable:
             self._cells[sid] = {int(d): {(int(i), int(j)): float(v) for i, j, v in pts}
                                 for d, pts in s["cells"].items()}
         self._digits_cache: dict = {}
+        self._extras = {sid: {d: face_extras(v, self.grid) for d, v in cells.items()}
+                        for sid, cells in self._cells.items()}
 
     # -------------------------------------------------------------- io
     @classmethod
@@ -444,7 +499,7 @@ class LatencyTable:
         if d not in cells:
             d = max(cells) if d == 0 or d > max(cells) else min(cells, key=lambda k: abs(k - d))
         r8, r4, _ = class_fractions(w_bits)
-        return interpolate(cells[d], self.grid, r8, r4)
+        return mix_cost(cells[d], self.grid, r8, r4, self._extras[e["shape"]][d])
 
     def layer_fp32_seconds(self, name: str) -> float:
         return float(self.data["shapes"][self._entry(name)["shape"]]["fp32_s"])

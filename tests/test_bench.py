@@ -163,6 +163,29 @@ def test_interpolation_is_exact_on_linear_costs():
     assert sum(point_counts((1, 1), 2, 7).values()) == 7
 
 
+def test_mix_cost_is_linear_plus_a_step_per_set_of_classes():
+    from cwhawq.latency import face_extras, mix_cost
+
+    lin = lambda r8, r4: 3.0 * r8 + 2.0 * r4 + 1.0 * (1 - r8 - r4)  # noqa: E731
+    step = {(8,): 0.0, (4,): 0.0, (2,): 0.0, (8, 4): 0.5, (8, 2): 0.3, (4, 2): 0.4, (8, 4, 2): 0.7}
+
+    def f(r8, r4):
+        r = (r8, r4, 1 - r8 - r4)
+        return lin(r8, r4) + step[tuple(c for c, x in zip((8, 4, 2), r) if x > 1e-12)]
+
+    for grid in (2, 4):
+        vals = {(i, j): f(i / grid, j / grid) for i, j in grid_points(grid)}
+        ex = face_extras(vals, grid)
+        assert ex[(8, 4)] == pytest.approx(0.5) and ex[(4, 2)] == pytest.approx(0.4)
+        # grid 2 has no inner point of the 8+4+2 face: twice the mean pair extra; grid 4 measures it
+        assert ex[(8, 4, 2)] == pytest.approx(0.8 if grid == 2 else 0.7)
+        for r8, r4 in ((1, 0), (0, 1), (0, 0), (0.9, 0.1), (1 / 64, 0), (0, 0.3), (0.5, 0.5)):
+            assert mix_cost(vals, grid, r8, r4) == pytest.approx(f(r8, r4)), (grid, r8, r4)
+        assert mix_cost(vals, grid, 0.3, 0.3) == pytest.approx(lin(0.3, 0.3) + ex[(8, 4, 2)])
+    vals = {(i, j): lin(i, j) for i, j in grid_points(1)}   # grid 1: pure points only, linear
+    assert mix_cost(vals, 1, 0.25, 0.5) == pytest.approx(lin(0.25, 0.5))
+
+
 def test_act_digits_follow_the_kernels_rule():
     # equal ranges, 8-bit unsigned: codes 0..255 fit one digit (offset 128)
     assert act_digits([1.0, 1.0], False, [8, 8]) == 1
@@ -301,6 +324,28 @@ def test_latency_table_on_two_boards_then_from_cache(cluster, small, tmp_path):
     assert summary["measured"] == 0 and summary["cached"] == 12
     t2 = LatencyTable.load(tmp_path / "t2.json")
     assert t2.predict(plan) == pytest.approx(t.predict(plan))
+
+
+@pytest.mark.timeout(300)
+def test_latency_aware_search_on_the_boards(cluster, small, tmp_path):
+    """cwhawq search --target llvm --rpc: table measured on the boards, final plan measured there too."""
+    from click.testing import CliRunner
+
+    from cwhawq import api
+    from cwhawq.cli import cli
+    from cwhawq.plan import load_plan
+
+    data = str(small / "data.npz")
+    api.analyze(str(small / "small.pt2"), data, out=str(tmp_path / "sens.json"), batch_size=32, max_probes=8)
+    r = CliRunner().invoke(cli, ["search", str(small / "small.pt2"), "--data", data, "--sens",
+                                 str(tmp_path / "sens.json"), "--budget", "size:0.3", "--episodes", "2",
+                                 "--warmup", "1", "--hidden", "8", "--val-samples", "30", "--target", "llvm",
+                                 "--rpc", f"{HOST}:{cluster.port}", "--key", "board", "--latency-grid", "1",
+                                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "p.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    lat = load_plan(str(tmp_path / "p.json")).meta["latency"]
+    assert lat["where"].startswith("rpc:") or "board" in lat["where"], lat
+    assert lat["measured_where"] != "local" and lat["board"] and lat["measured_s"] > 0 and lat["predicted_s"] > 0
 
 
 def test_one_layer_models_are_what_export_onnx_writes(tmp_path):

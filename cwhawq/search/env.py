@@ -32,7 +32,10 @@ Budget enforcement (exact; least sensitive first)
     - ``omega`` (default, separable costs): the one, over all layers and levels, with the smallest
       increase of the channel's Omega (Hessian trace x quantization error, from the sensitivity
       file) per unit of budget saved: the least sensitive layer (per unit of cost) is lowered first,
-      and re-ranked after each step;
+      and re-ranked after each step. Under a latency budget the candidates also include jumps (every
+      channel of one side of a layer above level b down to b), scored the same way: a measured
+      latency can fall only when a whole side leaves a level (the kernels store 8-bit activations
+      in two int8 digits unless every channel's scale allows one), which no single-channel move sees;
     - ``layers`` (HAQ's sequential lowering; also the fallback for non-separable latency models):
       passes over the layers ordered from the least to the most sensitive (summed Omega of the
       layer's weights at the lowest bit-width, plus its activations' when those are searched); in a
@@ -174,6 +177,9 @@ class QuantSearchEnv:
             raise ValueError(f"action_margin must be in [0, 0.5), got {action_margin}")
         self.action_margin = float(action_margin)
         self.demote_chunk = int(demote_chunk)
+        # whole-side jumps in the omega enforcement: for costs that are not linear in the channels
+        # (measured latency); the built-in size/bits/BOPs costs fall channel by channel
+        self._jumps = cost.metric == "latency_ratio"
         by = sensitivity_by_layer(sens, self.infos)
         self._omega = self._omega_tables(by)
         self.w_sens = [np.asarray(by[i.name]["weight"]["trace"], dtype=np.float64) for i in self.infos]
@@ -382,12 +388,20 @@ class QuantSearchEnv:
         lc = np.array([self.cost.layer_cost(k, *bits[k]) for k in range(self.L)])
 
         def best_move(k):
-            """(score, side index, level) of layer k's cheapest demotion: Omega increase per cost saved."""
-            best = (math.inf, -1, -1)
+            """(score, side index, move) of layer k's best demotion, Omega increase per cost saved. A move
+            is ``j`` > 0 (the least sensitive channel at level j down one level) or ``-t - 1`` (a jump:
+            every channel above level t down to t, which prices a cost that falls only when a whole
+            side leaves a level, e.g. the int8 digits of the activations)."""
+            best = (math.inf, -1, 0)
             for si, arr in enumerate(sides):
                 side = arr[k]
                 om = self._omega[si][k]
                 c = side.counts
+
+                def saved_by(new_bits):
+                    wb, ab = (new_bits, bits[k][1]) if si == 0 else (bits[k][0], new_bits)
+                    return lc[k] - self.cost.layer_cost(k, wb, ab)
+
                 for j in range(len(c) - 1, 0, -1):
                     if c[j] == 0:
                         continue
@@ -395,12 +409,24 @@ class QuantSearchEnv:
                     d_om = max(0.0, om[j - 1][ch] - om[j][ch])
                     c[j] -= 1
                     c[j - 1] += 1
-                    wb, ab = (side.channel_bits(), bits[k][1]) if si == 0 else (bits[k][0], side.channel_bits())
+                    saved = saved_by(side.channel_bits())
                     c[j] += 1
                     c[j - 1] -= 1
-                    saved = lc[k] - self.cost.layer_cost(k, wb, ab)
                     if saved > 0 and d_om / saved < best[0]:
                         best = (d_om / saved, si, j)
+                if not self._jumps:
+                    continue
+                level = np.searchsorted(np.asarray(side.bits), side.channel_bits())
+                cur_om = np.stack(om)[level, np.arange(side.n)]
+                for t in range(len(c) - 1):
+                    above = level > t
+                    if int(above.sum()) < 2:      # one channel: the single move above
+                        continue
+                    new_bits = np.where(above, side.bits[t], side.channel_bits())
+                    saved = saved_by(new_bits)
+                    d_om = float(np.maximum(0.0, om[t][above] - cur_om[above]).sum())
+                    if saved > 0 and d_om / saved < best[0]:
+                        best = (d_om / saved, si, -t - 1)
             return best
 
         moves = [best_move(k) for k in range(self.L)]
@@ -410,6 +436,16 @@ class QuantSearchEnv:
                 return demotions
             k = min(range(self.L), key=lambda q: moves[q][0])
             score, si, j = moves[k]
+            if math.isfinite(score) and j < 0:   # a jump: every channel above level t down to t
+                c, t = sides[si][k].counts, -j - 1
+                n = int(c[t:].sum())
+                c[t + 1:] = 0
+                c[t] = n
+                demotions += 1
+                bits[k] = self._layer_bits(k)
+                lc[k] = self.cost.layer_cost(k, *bits[k])
+                moves[k] = best_move(k)
+                continue
             if not math.isfinite(score):
                 # no demotion saves anything (costs that do not fall with the bits): move the least
                 # sensitive layer not yet there to its cheapest pure levels
