@@ -134,8 +134,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
 
     def on_episode(rec):   # without a terminal (make demo > log) a line every tenth of the search
         if not tty and ((rec["episode"] + 1) % every == 0 or rec["episode"] + 1 == episodes):
-            log.stage(f"  episode {rec['episode'] + 1}/{episodes}: best val accuracy so far at episode "
-                      f"{rec['best_episode']} (reward {rec['best_reward']:.4f})")
+            log.stage(f"  episode {rec['episode'] + 1}/{episodes}: best so far episode {rec['best_episode']}, "
+                      f"val accuracy {rec['best_reward'] * 10:+.2f} points from fp32")
     plans["CW-HAWQ (DDPG)"] = ddpg_search(cfg.model, data=cfg.data, sens=sens, budget=cfg.budget, episodes=episodes,
                                           out=str(out / "plans" / "cw-hawq.json"), seed=cfg.seed,
                                           data_dir=cfg.data_dir, log=str(search_dir / "log.jsonl"),
@@ -270,6 +270,16 @@ def write_report(cfg, out: Path, rows, sens, plan, infos, log) -> Path:
                       f"the same three rounds, each a median of 100 short runs in a separate worker process "
                       f"(`cwhawq bench` statistics), lowest round kept."
                       + (" --quick compiles only the CW-HAWQ plan." if cfg.quick else "")]
+        q = [r.latency_ms for r in rows if r.name != "fp32" and r.latency_ms is not None]
+        if q:
+            lines += [f"- On this CPU the quantized artifacts take {min(q):.3f}-{max(q):.3f} ms: the weight bits "
+                      f"barely move latency here (the kernels are bound by the activations' int8 digits and the "
+                      f"per-layer call overhead, not by weight bytes), and repeated measurements of one artifact "
+                      f"differ by up to about 8% on a shared machine, so smaller differences are noise. "
+                      + (f"onnxruntime's fp32 is {min(q) / ort:.2f}x faster than the fastest of them: the measured "
+                         f"gap and its cause are in docs/kernels.md. " if ort < min(q) else "")
+                      + "For latency, search under a measured latency budget (`cwhawq search --target llvm "
+                        "--budget latency:R`, docs/search.md)."]
     for r in rows:
         if r.extra.get("onnxruntime_accuracy") is not None:
             lines += [f"- exported {r.name} ONNX in onnxruntime: {r.extra['onnxruntime_accuracy'] * 100:.2f}% "
