@@ -213,10 +213,15 @@ class QuantSearchEnv:
         self.min_total = cost.total(lo)
         self.max_total = cost.total(hi)
         if not budget.satisfied({cost.metric: self.min_total}):
-            what = ("every layer at its cheapest bit levels" if cost.separable and cost.metric == "latency_ratio"
+            lat = cost.separable and cost.metric == "latency_ratio"
+            what = (f"every layer at its cheapest bit levels (weights from {list(self.w_bits)}, activations "
+                    f"from {list(self.a_bits)})" if lat
                     else f"every channel at the lowest bits ({self.w_bits[0]}-bit weights, "
                          f"{self.a_bits[0]}-bit activations)")
-            raise BudgetError(f"budget {budget} cannot be met: with {what} {cost.metric} is {self.min_total:.6g}")
+            hint = ("; lower activation bits (--a-bits 6,8) can need fewer int8 digits"
+                    if lat and len(self.a_bits) == 1 and self.a_bits[0] == 8 else "")
+            raise BudgetError(f"budget {budget} cannot be met: with {what} {cost.metric} is "
+                              f"{self.min_total:.6g}{hint}")
         if not cost.separable:
             self._cmin = np.zeros(self.L)
             self._cmax = np.array([cost.total(lo[:k] + [hi[k]] + lo[k + 1:]) - self.min_total for k in range(self.L)])
