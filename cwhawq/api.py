@@ -169,7 +169,7 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
            checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
            calib_batches: int = 4, act_scale: str = "pow2", progress: bool = False, target: str | None = None,
            rpc: str | None = None, key: str | None = None, latency_table=None, latency_batch: int = 1,
-           latency_grid: int = 2, latency_weight: float = 0.0, measure: bool = True, cache_dir: str | None = None,
+           latency_grid: int = 2, latency_weight: float | None = None, measure: bool = True, cache_dir: str | None = None,
            timeout: float = 60.0, echo=None, **options) -> "Plan":
     """DDPG search (``cwhawq search``): the best plan found under ``budget``, written to ``out``.
 
@@ -177,7 +177,8 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
     behind a tracker) the per-layer latency table of ``model`` is built for that target (cached
     measurements; written beside ``out`` as ``.latency.json``), or ``latency_table`` (a file or a
     :class:`cwhawq.latency.LatencyTable`) is used as it is. The table prices ``latency:R`` budgets and,
-    with ``latency_weight`` > 0, the reward term ``latency_weight * (1 - T/T_fp32)``. With a target and
+    with ``latency_weight`` > 0 (default: 1 with a table, else 0), the reward term
+    ``latency_weight * (1 - T/T_fp32)``. With a target and
     ``measure``, the final plan and the fp32 model are then compiled and measured for real, and both
     the predicted and the measured latency go into ``plan.meta["latency"]`` and, as a last
     ``{"final": true, ...}`` line, into the JSONL log.
@@ -220,6 +221,8 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
                            f"with --rpc HOST:PORT --key K) or --latency-table FILE (cwhawq latency-table)")
     if table is not None:
         options["latency"] = table
+    if latency_weight is None:
+        latency_weight = 1.0 if table is not None else 0.0
     plan = _search(model, data, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed, resume=resume,
                    bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
                    checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,

@@ -380,8 +380,7 @@ def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, re
                       progress=not as_json and sys.stderr.isatty(),
                       target=target, rpc=rpc, key=key, latency_table=latency_table, latency_batch=latency_batch,
                       latency_grid=latency_grid, cache_dir=cache_dir,
-                      latency_weight=(latency_weight if latency_weight is not None
-                                      else 1.0 if (target or latency_table) else 0.0),
+                      latency_weight=latency_weight,
                       measure=not no_measure, timeout=timeout, echo=lambda m: click.echo(m, err=True),
                       warmup=warmup,
                       hidden=hidden, lr_actor=lr_actor, lr_critic=lr_critic, tau=tau, discount=discount,
