@@ -120,6 +120,13 @@ def parse_bits(s) -> tuple[int, ...]:
     return tuple(sorted(set(vals)))
 
 
+def _latency_table(t):
+    """None, a :class:`cwhawq.latency.LatencyTable`, or a table file to load."""
+    from .latency import LatencyTable
+
+    return t if t is None or isinstance(t, LatencyTable) else LatencyTable.load(t)
+
+
 def make_plan(method: str, model: str, sens=None, budget: str | None = None, bits="2,4,8", w_bits: int = 8,
               a_bits="8", out: str | None = None, latency_table=None) -> "Plan":
     """A baseline plan (uniform, hawq-v3, cw-greedy) for a model under a budget (``latency:R`` with
@@ -138,11 +145,7 @@ def make_plan(method: str, model: str, sens=None, budget: str | None = None, bit
     a = "mixed" if str(a_bits) == "mixed" else int(a_bits)
     loaded = load_model(model)
     infos = qmodel_from_loaded(loaded).layer_infos
-    table = latency_table
-    if table is not None and not hasattr(table, "cost_model"):
-        from .latency import LatencyTable
-
-        table = LatencyTable.load(table)
+    table = _latency_table(latency_table)
     if method == "uniform":
         if a == "mixed":
             raise PlanError("uniform plans take one activation bit-width (--a-bits N)")
@@ -191,7 +194,7 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
     import json
 
     from .bench import parse_rpc
-    from .latency import LatencyError, LatencyTable, build_table, measure_plans
+    from .latency import LatencyError, build_table, measure_plans
     from .plan import parse_budget
     from .search import search as _search
 
@@ -200,7 +203,7 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
     bud = parse_budget(budget)
     table = None
     if latency_table is not None:
-        table = latency_table if isinstance(latency_table, LatencyTable) else LatencyTable.load(latency_table)
+        table = _latency_table(latency_table)
         if target is not None:
             from .backends.targets import resolve_target
 

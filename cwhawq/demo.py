@@ -131,6 +131,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     search_dir.mkdir(exist_ok=True)
     tty = sys.stderr.isatty()
     every = max(1, episodes // 10)
+    warmup = min(20, max(2, episodes // 4))
 
     def on_episode(rec):   # without a terminal (make demo > log) a line every tenth of the search
         if not tty and ((rec["episode"] + 1) % every == 0 or rec["episode"] + 1 == episodes):
@@ -141,9 +142,9 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                                           data_dir=cfg.data_dir, log=str(search_dir / "log.jsonl"),
                                           checkpoint=str(search_dir / "checkpoint.pt"), progress=tty,
                                           resume=cfg.resume, on_episode=on_episode,
-                                          warmup=min(20, max(2, episodes // 4)))
+                                          warmup=warmup)
     log.cmd("plan CW-HAWQ (DDPG search)", "search", cfg.model, *dargs, "--sens", out / "sens.json",
-            "--budget", cfg.budget, "--episodes", episodes, "--warmup", min(20, max(2, episodes // 4)), "--seed", cfg.seed,
+            "--budget", cfg.budget, "--episodes", episodes, "--warmup", warmup, "--seed", cfg.seed,
             "--out", out / "plans" / "cw-hawq.json")
 
     log.stage("simulated accuracy of every plan")

@@ -421,13 +421,14 @@ class QuantSearchEnv:
                         best = (d_om / saved, si, j)
                 if not self._jumps:
                     continue
-                level = np.searchsorted(np.asarray(side.bits), side.channel_bits())
+                cur_bits = side.channel_bits()
+                level = np.searchsorted(np.asarray(side.bits), cur_bits)
                 cur_om = np.stack(om)[level, np.arange(side.n)]
                 for t in range(len(c) - 1):
                     above = level > t
                     if int(above.sum()) < 2:      # one channel: the single move above
                         continue
-                    new_bits = np.where(above, side.bits[t], side.channel_bits())
+                    new_bits = np.where(above, side.bits[t], cur_bits)
                     saved = saved_by(new_bits)
                     d_om = float(np.maximum(0.0, om[t][above] - cur_om[above]).sum())
                     if saved > 0 and d_om / saved < best[0]:
@@ -441,39 +442,30 @@ class QuantSearchEnv:
                 return demotions
             k = min(range(self.L), key=lambda q: moves[q][0])
             score, si, j = moves[k]
-            if math.isfinite(score) and j < 0:   # a jump: every channel above level t down to t
-                c, t = sides[si][k].counts, -j - 1
-                n = int(c[t:].sum())
-                c[t + 1:] = 0
-                c[t] = n
-                demotions += 1
-                bits[k] = self._layer_bits(k)
-                lc[k] = self.cost.layer_cost(k, *bits[k])
-                moves[k] = best_move(k)
-                continue
             if not math.isfinite(score):
                 # no demotion saves anything (costs that do not fall with the bits): move the least
                 # sensitive layer not yet there to its cheapest pure levels
-                k = self._to_cheapest(sides, bits, lc)
-                demotions += 1
-                moves[k] = best_move(k)
-                continue
-            c = sides[si][k].counts
-            c[j] -= 1
-            c[j - 1] += 1
+                k = self._to_cheapest(sides, lc)
+            elif j < 0:   # a jump: every channel above level t down to t
+                c, t = sides[si][k].counts, -j - 1
+                c[t] = c[t:].sum()
+                c[t + 1:] = 0
+            else:
+                c = sides[si][k].counts
+                c[j] -= 1
+                c[j - 1] += 1
             demotions += 1
             bits[k] = self._layer_bits(k)
             lc[k] = self.cost.layer_cost(k, *bits[k])
             moves[k] = best_move(k)
 
-    def _to_cheapest(self, sides, bits, lc) -> int:
+    def _to_cheapest(self, sides, lc) -> int:
+        """Set the least sensitive layer still above its cheapest cost to its cheapest pure levels."""
         for k in self.order:
             if self._cheapest is not None and lc[k] > self._cmin[k] + 1e-15:
                 w, a = self._cheapest[k]
                 for si, side in enumerate(sides):
                     side[k].counts[:] = [side[k].n if b == (w if si == 0 else a) else 0 for b in side[k].bits]
-                bits[k] = self._layer_bits(k)
-                lc[k] = self.cost.layer_cost(k, *bits[k])
                 return k
         raise BudgetError(f"budget {self.budget} cannot be met by this bit set")
 

@@ -307,7 +307,8 @@ def _episode(ep: int, env: QuantSearchEnv, agent: DDPG, evaluator: PlanEvaluator
     ev = evaluator(plan)
     t2 = time.perf_counter()
     R = ev["reward"]
-    lat = None if lat_cost is None else lat_cost.exact(plan)
+    # the environment already priced the plan when the budget is the latency itself
+    lat = None if lat_cost is None else info["cost"] if lat_cost is env.cost else lat_cost.exact(plan)
     if latency_weight:
         R = R + latency_weight * (1.0 - lat)
     L = env.L
