@@ -58,7 +58,7 @@ def _linear_op(k, n, bits, seed=0):
     return LinearOp(k=k, n_out=n, groups=[grp], bias=np.zeros(n, np.float32), act=act)
 
 
-ROUNDS = 5  # interleaved rounds; each variant reports its fastest round (robust to other load)
+from _interleave import interleaved as _interleaved  # noqa: E402
 
 
 def _vm_timer(mod, args, number):
@@ -74,14 +74,6 @@ def _vm_timer(mod, args, number):
     vm["main"](*targs)
     f = vm.time_evaluator("main", tvm.cpu(), number=number, repeat=3)
     return lambda: float(min(f(*targs).results))
-
-
-def _interleaved(timers: dict) -> dict:
-    best = {k: float("inf") for k in timers}
-    for _ in range(ROUNDS):
-        for k, t in timers.items():
-            best[k] = min(best[k], t())
-    return best
 
 
 def worker_tvm(args):

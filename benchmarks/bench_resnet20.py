@@ -218,15 +218,7 @@ def mixed_plan_onnx(fp32, calib, seed=0, w_choices=(8, 4, 2), w_probs=(0.25, 0.5
 
 
 # ===================================================================================== workers
-ROUNDS = 5  # interleaved rounds; each variant reports its fastest round (robust to other load)
-
-
-def _interleaved(timers: dict) -> dict:
-    best = {k: float("inf") for k in timers}
-    for _ in range(ROUNDS):
-        for k, t in timers.items():
-            best[k] = min(best[k], t())
-    return best
+from _interleave import interleaved as _interleaved  # noqa: E402
 
 
 def worker_tvm(args):
