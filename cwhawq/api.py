@@ -201,13 +201,14 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
     echo = echo or (lambda m: None)
     remote = parse_rpc(rpc, key)
     bud = parse_budget(budget)
+    if target is not None:   # a bad target fails here, before anything is measured
+        from .backends.targets import resolve_target
+
+        want = resolve_target(target).name
     table = None
     if latency_table is not None:
         table = _latency_table(latency_table)
         if target is not None:
-            from .backends.targets import resolve_target
-
-            want = resolve_target(target).name
             if table.data["target"]["name"] != want:
                 raise LatencyError(f"latency table {latency_table} is for target {table.data['target']['name']}, "
                                    f"not {want}")
