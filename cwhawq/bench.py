@@ -210,7 +210,7 @@ def _run_job(conn, sess, job: dict, modules: dict) -> dict:  # pragma: no cover 
     else:
         from .backends.tvm import load_artifact
 
-        art = load_artifact(path, job["device"])
+        art = load_artifact(path, job["device"], threads=job.get("threads"))
         vm, dev = art.vm, art.dev
     conn.send(("ok", "load", {}, "inputs"))
     args = [tvm.runtime.tensor(a, dev) for a in make_inputs(job["inputs"], job.get("seed", 0))]
@@ -603,7 +603,7 @@ def make_job(artifact: str | Path, device: str | None = None, batch: int = 1, wa
     return {"runtime": "tvm", "artifact": str(p.resolve()), "device": dev, "inputs": input_specs(man["inputs"], batch),
             "warmup": int(warmup), "repeat": int(repeat), "number": int(number), "min_repeat_ms": int(min_repeat_ms),
             "target": tgt.get("name"), "label": label or p.name, "size_bytes": p.stat().st_size,
-            "sha256": man.get("sha256") or _sha256(p)}
+            "sha256": man.get("sha256") or _sha256(p), "threads": threads}
 
 
 def report(job: dict, result: dict, remote: Remote | None) -> dict:

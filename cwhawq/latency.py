@@ -13,7 +13,7 @@ What is measured
       every point with coordinates that are multiples of ``1/grid`` (``grid=2``: pure 8, 4 and 2 and
       the three half/half mixes: 6 points; ``grid=4``: 15 points);
     * activation bits matter only through the number of int8 digits ``D`` the integer kernels
-      store per activation value (1 or 2; see :mod:`cwhawq.kernels.gemm`), which follows from the
+      store per activation value (1 or 2; see :meth:`cwhawq.kernels.problem.ActQuant.digits`), which follows from the
       layer's calibrated per-channel input ranges and the plan's activation bits (the pow2 scale
       exponents, :func:`cwhawq.quantizers.act_pow2_scales`). Both ``D`` are measured (only ``D=1``
       for single-channel inputs, which cannot need two); the layer's calibrated ranges are stored
@@ -188,9 +188,9 @@ def act_digits(ranges, signed: bool, a_bits) -> int:
     """Int8 digits per activation value the integer kernels use for a layer (0: float fallback).
 
     The same scales the simulation and exporter derive (pow2 mode) and the same digit rule the
-    kernels apply (:meth:`cwhawq.kernels.gemm.ActQuant.digits`)."""
+    kernels apply (:meth:`cwhawq.kernels.problem.ActQuant.digits`)."""
     from . import quantizers as Q
-    from .kernels.gemm import ActQuant
+    from .kernels.problem import ActQuant
 
     ranges = np.asarray(ranges, dtype=np.float64)
     a_bits = np.broadcast_to(np.asarray(a_bits, dtype=np.int64), ranges.shape)

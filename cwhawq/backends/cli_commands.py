@@ -27,8 +27,17 @@ def compile_text(res) -> str:
         for s in lowered:
             bits = " ".join(f"{b}b:{n}" for b, n in s["w_bits"].items())
             act = ""
+            kern = s.get("kernel") or {}
             if s["act"]:
-                act = f" act int{8 * (s['act']['digits'] or 0)}" if s["act"]["integer"] else " act fake-quant float"
+                if s["act"]["integer"] and kern.get("act") in ("i16", "u8", "s8"):
+                    nd = kern.get("digits") or 1
+                    act = f" act {kern['act']}" + (f" x{nd} digits" if nd > 1 else "")
+                elif s["act"]["integer"]:
+                    act = " act int (float kernel)"
+                else:
+                    act = " act fake-quant float"
+            if kern.get("kernel"):
+                act += f" [{'/'.join(kern['kernel'])}]"
             fused = f" +{'+'.join(s['fused'])}" if s["fused"] else ""
             lines.append(f"  {s['layer']:<{width}}  {s['kind']:<9} {s['mode']:<5} w[{bits}] packed "
                          f"{_kib(s['packed_bytes'])} (fp32 {_kib(s['fp32_bytes'])}){act}{fused}")

@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import CompileError
 from ..kernels import packing
-from ..kernels.gemm import ActQuant, LinearOp, WeightGroup
+from ..kernels.problem import ActQuant, LinearOp, WeightGroup, channel_pad, conv_weight_matrix
 
 CUSTOM_OP = "CwhawqLayer"
 CUSTOM_DOMAIN = "cwhawq"
@@ -95,15 +95,17 @@ class LayerPlan:
     residual: str | None
     op: LinearOp
     conv: dict | None = None  # kh, kw, cin, attrs (ONNX Conv attributes)
-    fp32_weight: np.ndarray | None = None
     plan_w_bits: list[int] | None = None
     replaced: list[str] = field(default_factory=list)  # core chain first, then absorbed quantizers
     core_len: int = 1  # layer node + fused Gather/Add/Relu: replaced by the lowered node
     in_layout: str = "NCHW"   # conv layers: NHWC when the input comes from another lowered conv
     out_layout: str = "NCHW"  # NHWC when only lowered convs read the output
     res_layout: str = "NCHW"  # layout of the fused residual tensor
+    fused_consumers: list[int] = field(default_factory=list)  # layers whose input this one's epilogue writes
+    fused_from: int | None = None  # the layer that writes this one's activation operand
+    emit_y: bool = True            # the float output is needed (graph output, other readers)
 
-    def summary(self) -> dict:
+    def summary(self, isa: str | None = None) -> dict:
         op = self.op
         bits: dict[str, int] = {}
         if self.plan_w_bits is not None:
@@ -117,13 +119,22 @@ class LayerPlan:
             if self.conv else op.k
         act = None
         if op.act is not None:
-            act = {"integer": op.act.integer, "digits": op.digits[0] if op.mode == "int" else None}
+            act = {"integer": op.mode == "int", "digits": op.act.digits()[0] if op.mode == "int" else None}
+        kernel = None
+        if isa is not None:
+            if self.kind == "depthwise":
+                kernel = {"kernel": ["depthwise"], "act": "f32", "digits": 1}
+            else:
+                from ..kernels.emit import describe  # noqa: PLC0415
+
+                kernel = describe(op, isa)
         return {
             "layer": self.name, "kind": self.kind, "mode": op.mode, "out_channels": op.n_out,
             "w_bits": dict(sorted(bits.items(), key=lambda kv: -int(kv[0]))),
             "storage_bits": sorted({g.storage_bits for g in op.groups}, reverse=True),
             "packed_bytes": op.weight_bytes, "fp32_bytes": 4 * op.n_out * k_real,
-            "act": act, "fused": [f for f, on in (("add", op.residual), ("relu", op.relu)) if on],
+            "act": act, "kernel": kernel,
+            "fused": [f for f, on in (("add", op.residual), ("relu", op.relu)) if on],
             "layout": f"{self.in_layout}->{self.out_layout}" if self.kind != "linear" else None,
         }
 
@@ -137,8 +148,8 @@ class ImportResult:
     outputs: list[dict]
     metadata: dict
 
-    def report(self) -> dict:
-        layers = [lp.summary() for lp in self.layers]
+    def report(self, isa: str | None = None) -> dict:
+        layers = [lp.summary(isa) for lp in self.layers]
         quant = [s for s in layers if s["mode"] != "fp32"]
         return {
             "lowered": layers,
@@ -512,30 +523,24 @@ class _Lowerer:
             except (ValueError, TypeError):
                 plan_w_bits = None
         conv = None
-        fp32_weight = None
+        quantized = wsrc[0] != "fp32"
         if kind in ("conv", "depthwise"):
             conv = {"kh": kh, "kw": kw, "cin": cin, "cout": cout, "attrs": _conv_attrs(at)}
-            if kind == "conv":
-                cp = cin if wsrc[0] == "fp32" else packing.padded_k(cin)
-                k = kh * kw * cp
-            else:
-                cp, k = 1, kh * kw
+            cp = channel_pad(cin, quantized) if kind == "conv" else 1
             conv["cp"] = cp
+            k = kh * kw * cp if kind == "conv" else kh * kw
         else:
             k = k_flat
-        groups = []
-        if wsrc[0] == "fp32":
-            w = wsrc[1]
-            if kind == "conv":
-                from ..kernels.conv import conv_weight_matrix  # noqa: PLC0415
 
-                mat = conv_weight_matrix(w, cp)
-            else:
-                mat = w.reshape(cout, -1)
-                if kind == "depthwise":
-                    fp32_weight = mat.copy()
+        def rows_of(w):
+            if kind == "conv":
+                return conv_weight_matrix(w, cp)
+            return w.reshape(w.shape[0], -1)
+
+        groups = []
+        if not quantized:
             groups.append(WeightGroup(out_index=out_index, scale=np.ones(cout, np.float32),
-                                      float_data=packing.pack_float_weight(mat), plan_bits=32))
+                                      float_w=rows_of(wsrc[1]), plan_bits=32))
         else:
             outs, scales, sbits, pbits, codes = [], [], [], [], []
             pos = 0
@@ -548,40 +553,28 @@ class _Lowerer:
                 pbits.append(bmeta)
                 pos += nb
             runs = packing.merge_groups([q.shape[0] for q in codes], sbits, packing.padded_k(k))
-            run_bits = [max(sbits[i] for i in run) for run in runs]
-            if kind == "conv":
-                # channels per tap: whole packed records (4 codes x codes per byte) of the widest packing
-                unit = 4 * max(packing.pack_factor(b) for b in run_bits)
-                cp = -(-cin // unit) * unit
-                k = kh * kw * cp
-                conv["cp"] = cp
-            kp = packing.padded_k(k)
-            for run, rb in zip(runs, run_bits):
+            for run in runs:
+                rb = max(sbits[i] for i in run)
                 # rows in output-channel order: runs of consecutive channels become vector stores
                 # (depthwise rows keep the ONNX order, which decides the input channel they read)
                 oi = np.concatenate([outs[i] for i in run]).astype(np.int32)
                 order = np.argsort(oi, kind="stable") if kind != "depthwise" else np.arange(len(oi))
-                q = np.concatenate([codes[i] for i in run])
-                if kind == "conv":
-                    from ..kernels.conv import conv_weight_matrix  # noqa: PLC0415
-
-                    mat = conv_weight_matrix(q, cp)
-                else:
-                    mat = q.reshape(q.shape[0], -1)
+                mat = rows_of(np.concatenate([codes[i] for i in run]))
                 plan_b = {pbits[i] for i in run}
                 groups.append(WeightGroup(out_index=oi[order],
                                           scale=np.concatenate([scales[i] for i in run]).astype(np.float32)[order],
-                                          packed=packing.pack_weight(mat[order], bits=rb, k_padded=kp),
+                                          codes=mat[order], bits=rb,
                                           plan_bits=plan_b.pop() if len(plan_b) == 1 else None))
         try:
             op = LinearOp(k=k, n_out=cout, groups=groups, bias=bias, act=act, relu=relu,
-                          residual=residual is not None, name=name)
+                          residual=residual is not None, name=name, cin=cin if conv is not None else None,
+                          conv_kind=kind if conv is not None else None)
         except ValueError as exc:
             return f"cannot build kernel op: {exc}"
         self.claimed.update(replaced)
         self.layers.append(LayerPlan(index=len(self.layers), name=name, kind=kind, op_type=node.op_type,
                                      source=source, output=out, residual=residual, op=op, conv=conv,
-                                     fp32_weight=fp32_weight, plan_w_bits=plan_w_bits,
+                                     plan_w_bits=plan_w_bits,
                                      replaced=replaced + absorbed, core_len=len(replaced)))
         return None
 
@@ -711,6 +704,42 @@ def _assign_layouts(model: onnx.ModelProto, layers: list[LayerPlan]) -> None:
             lp.res_layout = layout(lp.residual) if lp.residual else lp.out_layout
 
 
+def _assign_fusion(model: onnx.ModelProto, layers: list[LayerPlan]) -> None:
+    """Let a lowered layer's epilogue quantize its output straight into the activation operand of
+    the lowered layers that read it (no prologue for them, one pass less over the tensor): conv /
+    depthwise (no channel multiplier) producers into conv / depthwise consumers, dense into dense
+    (2-D). The float output is still written when something else reads it (a residual, TVM's
+    operators, a graph output)."""
+    by_out = {lp.output: lp for lp in layers}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, i))
+    outputs = {o.name for o in model.graph.output}
+    spatial = ("conv", "depthwise")
+    for lp in layers:
+        readers = consumers.get(lp.output, [])
+        fusable = []
+        other = lp.output in outputs
+        for n, i in readers:
+            if n.op_type != CUSTOM_OP or i != 0:
+                other = True
+                continue
+            cl = layers[next(a.i for a in n.attribute if a.name == "index")]
+            ok = (lp.kind in spatial and cl.kind in spatial) or (lp.kind == "linear" and cl.kind == "linear")
+            if cl.kind == "depthwise" and cl.conv["cout"] != cl.conv["cin"]:
+                ok = False
+            if ok and cl.fused_from is None and cl.index not in fusable:
+                fusable.append(cl.index)
+            else:
+                other = True
+        lp.fused_consumers = fusable
+        lp.emit_y = other or not fusable
+        for ci in fusable:
+            layers[ci].fused_from = lp.index
+    del by_out
+
+
 def _io(vis) -> list[dict]:
     out = []
     for v in vis:
@@ -773,6 +802,7 @@ def analyze(model: onnx.ModelProto, kernels: bool = True, fp32_kernels: bool = T
     rewritten = _rewrite(model, layers)
     check_supported(rewritten)
     _assign_layouts(rewritten, layers)
+    _assign_fusion(rewritten, layers)
     return ImportResult(rewritten, layers, fallbacks, _io(graph_inputs), _io(model.graph.output), meta)
 
 
@@ -797,6 +827,8 @@ def to_relax(result: ImportResult, isa: str, batch: int | None = None):
                 shp.append(sym_vars.setdefault(key, tirx.Var(key, "int64")))
         shape_dict[inp["name"]] = shp
 
+    fused_ctx: dict = {}
+
     class _Importer(ONNXGraphImporter):
         def _check_for_unsupported_ops(self, graph):  # checked by check_supported()
             return None
@@ -804,7 +836,7 @@ def to_relax(result: ImportResult, isa: str, batch: int | None = None):
         def _convert_operator(self, op_name, inputs, attrs, opset):
             if op_name == CUSTOM_OP:
                 lp = layers[int(attrs["index"])]
-                return _emit_layer(self.bb, lp, list(inputs), isa)
+                return _emit_layer(self.bb, lp, list(inputs), isa, layers, fused_ctx)
             return super()._convert_operator(op_name, inputs, attrs, opset)
 
     opset = 1
@@ -824,20 +856,48 @@ def to_relax(result: ImportResult, isa: str, batch: int | None = None):
 def _static(v):
     from tvm import tirx  # noqa: PLC0415
 
+    if isinstance(v, int):
+        return v
     return int(v.value) if isinstance(v, tirx.IntImm) else None
 
 
-def _emit_layer(bb, lp: LayerPlan, inputs: list, isa: str):
+def _conv_op(lp: LayerPlan, c: int, h: int, w: int):
+    """The layer's op with its geometry for an input of ``c`` channels, ``h`` x ``w``."""
+    from ..kernels.problem import ConvGeom  # noqa: PLC0415
+
+    cv = lp.conv
+    if c != cv["cin"]:
+        raise CompileError(f"layer {lp.name}: input has {c} channels, weights expect {cv['cin']}")
+    try:
+        geom = ConvGeom.from_onnx(c, cv["cout"], h, w, cv["kh"], cv["kw"], cv["attrs"])
+    except ValueError as exc:
+        raise CompileError(f"layer {lp.name}: {exc}") from None
+    geom = geom.with_channel_pad(cv["cp"]).with_layouts(lp.in_layout, lp.out_layout, lp.res_layout)
+    if geom.out_h < 1 or geom.out_w < 1:
+        raise CompileError(f"layer {lp.name}: empty convolution output")
+    return replace(lp.op, geom=geom)
+
+
+def _emit_layer(bb, lp: LayerPlan, inputs: list, isa: str, layers: list[LayerPlan] | None = None,
+                ctx: dict | None = None):
+    """Emit one lowered layer. ``ctx`` carries the activation operands producers wrote for their
+    fused consumers (``ctx[consumer index] = (var, batch, logical input shape)``)."""
     from tvm import relax  # noqa: PLC0415
 
-    from ..kernels import conv as kconv  # noqa: PLC0415
-    from ..kernels import gemm as kgemm  # noqa: PLC0415
+    from ..kernels import emit as kemit  # noqa: PLC0415
 
+    ctx = {} if ctx is None else ctx
     x = inputs[0]
     res = inputs[1] if lp.residual else None
-    shape = list(x.ty.shape)
+    given = ctx.pop(lp.index, None)
+    if given is not None:
+        given_a, nbatch, logical = given
+        shape = logical
+    else:
+        given_a = None
+        shape = list(x.ty.shape)
     op = lp.op
-    fname = f"cw{lp.index}_{kgemm._sym(lp.name)}"
+    fname = f"cw{lp.index}_{kemit.sym(lp.name)}"
     if lp.kind == "linear":
         if len(shape) < 2:
             raise CompileError(f"layer {lp.name}: input must have at least 2 dimensions")
@@ -850,41 +910,34 @@ def _emit_layer(bb, lp: LayerPlan, inputs: list, isa: str):
             for d in lead[1:]:
                 rows = rows * d
             x2 = bb.emit(relax.op.reshape(x, [rows, op.k]))
-        rows_static = _static(list(x2.ty.shape)[0]) if len(shape) == 2 else None
+        rows_static = _static(shape[0]) if len(shape) == 2 else None
         out_shape = lead + [op.n_out]
         fused_ok = res is None or _same_shape(res, out_shape)
         if not fused_ok or len(shape) != 2:
             op_run = replace(op, residual=False, relu=False) if (res is not None or op.relu) else op
-            y = kgemm.emit_linear(bb, x2, op_run, isa, rows_static or 1, None, fname)
+            y = kemit.emit_linear(bb, x2, op_run, isa, rows_static or 1, None, fname)
             if len(shape) != 2:
                 y = bb.emit(relax.op.reshape(y, out_shape))
             return _unfused_tail(bb, y, res, op)
-        return kgemm.emit_linear(bb, x2, op, isa, rows_static or 1, res, fname)
+        fused, plans = _fused_outputs(lp, layers, isa, None, [shape[0], op.n_out])
+        out = kemit.emit_linear(bb, x2, op, isa, rows_static or 1, res, fname, fused=fused,
+                                emit_y=lp.emit_y or not fused, given_a=given_a)
+        return _store_fused(lp, out, fused, plans, ctx, shape[0])
     if len(shape) != 4:
         raise CompileError(f"layer {lp.name}: convolution input must be 4-D NCHW")
-    if lp.in_layout == "NHWC":
-        h, w, c = (_static(s) for s in shape[1:])
-    else:
+    if given is not None or lp.in_layout != "NHWC":
         c, h, w = (_static(s) for s in shape[1:])
+    else:
+        h, w, c = (_static(s) for s in shape[1:])
     if None in (c, h, w):
         raise CompileError(f"layer {lp.name}: symbolic channel/spatial sizes are not supported (only the batch)")
-    cv = lp.conv
-    if c != cv["cin"]:
-        raise CompileError(f"layer {lp.name}: input has {c} channels, weights expect {cv['cin']}")
-    try:
-        geom = kconv.ConvGeom.from_onnx(c, cv["cout"], h, w, cv["kh"], cv["kw"], cv["attrs"])
-    except ValueError as exc:
-        raise CompileError(f"layer {lp.name}: {exc}") from None
-    geom = geom.with_channel_pad(cv["cp"]).with_layouts(lp.in_layout, lp.out_layout, lp.res_layout)
-    if geom.out_h < 1 or geom.out_w < 1:
-        raise CompileError(f"layer {lp.name}: empty convolution output")
+    op = _conv_op(lp, c, h, w)
+    geom = op.geom
     nb_static = _static(shape[0]) or 1
-    out_shape = geom.out_shape(shape[0])
-    emit = kconv.emit_depthwise if lp.kind == "depthwise" else kconv.emit_conv2d
-    extra = {"fp32_weight": lp.fp32_weight} if lp.kind == "depthwise" else {}
     if res is not None and not _same_shape(res, geom.res_shape(shape[0])):
         # a broadcasting residual: add it with TVM's operator, in NCHW as the ONNX Add does
-        y = emit(bb, x, replace(op, residual=False, relu=False), geom, isa, nb_static, None, fname, **extra)
+        y = kemit.emit_layer(bb, x, replace(op, residual=False, relu=False), isa, nb_static, None, fname,
+                             given_a=given_a)
         nhwc_res = geom.res_layout == "NHWC" and len(list(res.ty.shape)) == 4
         if geom.out_layout == "NHWC":
             y = bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
@@ -892,7 +945,41 @@ def _emit_layer(bb, lp: LayerPlan, inputs: list, isa: str):
             res = bb.emit(relax.op.permute_dims(res, [0, 3, 1, 2]))
         y = _unfused_tail(bb, y, res, op)
         return bb.emit(relax.op.permute_dims(y, [0, 2, 3, 1])) if geom.out_layout == "NHWC" else y
-    return emit(bb, x, op, geom, isa, nb_static, res, fname, **extra)
+    fused, plans = _fused_outputs(lp, layers, isa, geom, None)
+    out = kemit.emit_layer(bb, x, op, isa, nb_static, res, fname, fused=fused, emit_y=lp.emit_y or not fused,
+                           given_a=given_a)
+    return _store_fused(lp, out, fused, plans, ctx, shape[0], [geom.cout, geom.out_h, geom.out_w])
+
+
+def _fused_outputs(lp: LayerPlan, layers, isa: str, geom, dense_shape):
+    """The consumers' activation operands this layer writes (see :func:`_assign_fusion`)."""
+    from ..kernels import emit as kemit  # noqa: PLC0415
+
+    if not lp.fused_consumers or layers is None or isa == "cuda":
+        return [], []
+    fused, plans = [], []
+    for ci in lp.fused_consumers:
+        cl = layers[ci]
+        if geom is not None:
+            cop = _conv_op(cl, geom.cout, geom.out_h, geom.out_w)
+        else:
+            cop = cl.op
+        try:
+            fused.append(kemit.fused_input(cop, isa))
+        except ValueError:
+            continue
+        plans.append(ci)
+    return fused, plans
+
+
+def _store_fused(lp: LayerPlan, out, fused, plans, ctx, nbatch, chw=None):
+    if not fused:
+        return out
+    y, fvars = out
+    for ci, var in zip(plans, fvars):
+        logical = [nbatch] + (chw if chw is not None else [lp.op.n_out])
+        ctx[ci] = (var, nbatch, logical)
+    return y if y is not None else fvars[0]
 
 
 def _unfused_tail(bb, y, res, op):

@@ -236,14 +236,18 @@ def compile_model(onnx_path: str | Path, target: str = "llvm", out: str | Path |
     model = onnx_import.load_onnx(onnx_path)
     if ts.device == "cuda":
         ensure_cuda_runtime()
-    from ..kernels.gemm import isa_for_target  # noqa: PLC0415
+    from ..kernels.isa import select as select_isa  # noqa: PLC0415
 
     tvm_target = ts.tvm_target()
-    isa = isa_for_target(tvm_target)
+    isa_obj = select_isa(tvm_target)
+    isa = isa_obj.name
+    if kernels and isa_obj.portable and log is not None:
+        log(f"warning: no dedicated kernels for this target's instruction set ({ts.name}): using the portable "
+            f"'{isa}' kernels, which are slow (known: {', '.join(n for n in _isa_names() if n != isa)})")
     result = onnx_import.analyze(model, kernels=kernels)
     mod = onnx_import.to_relax(result, isa, batch)
     ex = build(mod, ts, tune_trials, log)
-    report = result.report()
+    report = result.report(isa if kernels else None)
     outputs = result.outputs
     rio = _relax_io(mod)
     if rio is not None and len(rio) == len(outputs):
@@ -270,6 +274,12 @@ def compile_model(onnx_path: str | Path, target: str = "llvm", out: str | Path |
     }
     _write_atomically(ex, ts, fmt, out, manifest)
     return CompileResult(out, manifest_path(out), manifest, report)
+
+
+def _isa_names() -> list[str]:
+    from ..kernels.isa import names  # noqa: PLC0415
+
+    return names()
 
 
 def _tvm_version() -> str:
@@ -339,6 +349,38 @@ def _write_atomically(ex, ts: TargetSpec, fmt: str, out: Path, manifest: dict) -
 
 
 # ===================================================================================== run
+def physical_cores() -> int:
+    """Cores this process may run on, counting SMT siblings once (what onnxruntime uses by default)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            sib = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+            cores.add(sib)
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set the number of threads TVM's runtime uses in this process (before it creates its pool).
+
+    Default: ``$TVM_NUM_THREADS`` if set, else :func:`physical_cores`. TVM's own default halves the
+    hardware threads on x86 (assuming SMT), which on a machine without SMT leaves half the cores
+    idle, and it then queries the CPU count from /sys on every parallel launch; with the variable
+    set it reads the variable instead. Returns the thread count.
+    """
+    if threads is None:
+        env = os.environ.get("TVM_NUM_THREADS")
+        threads = int(env) if env and env.strip().isdigit() and int(env) > 0 else physical_cores()
+    threads = max(1, int(threads))
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    return threads
+
+
 def _host_arch() -> str:
     m = os.uname().machine
     return {"arm64": "aarch64", "amd64": "x86_64"}.get(m, m)
@@ -347,8 +389,9 @@ def _host_arch() -> str:
 class Artifact:
     """A loaded artifact: ``run(inputs)`` returns the outputs as numpy arrays."""
 
-    def __init__(self, path: str | Path, device: str | None = None):
+    def __init__(self, path: str | Path, device: str | None = None, threads: int | None = None):
         self.path = Path(path)
+        self.threads = configure_threads(threads)
         if not self.path.is_file():
             raise RunError(f"artifact not found: {self.path}")
         mp = manifest_path(self.path)
@@ -434,8 +477,8 @@ class Artifact:
         return float(np.median(f(*args).results))
 
 
-def load_artifact(path: str | Path, device: str | None = None) -> Artifact:
-    return Artifact(path, device)
+def load_artifact(path: str | Path, device: str | None = None, threads: int | None = None) -> Artifact:
+    return Artifact(path, device, threads)
 
 
 def run_artifact(path: str | Path, inputs) -> list[np.ndarray]:

@@ -1,38 +1,50 @@
-"""The packed weight layout: the one place that defines how low-bit weight codes are stored (numpy only).
+"""Packed weight layouts: the one place that defines how low-bit weight codes are stored (numpy only).
 
-Every kernel in :mod:`cwhawq.kernels` reads weights in this layout and every importer writes it
-through :func:`pack_weight`, so the layout is defined here and nowhere else.
+Every integer kernel reads its weights in one of the layouts defined here and every caller packs
+through :func:`pack_records`, so the byte and bit positions live here and nowhere else.
 
-Codes and storage
+Codes and storage widths
     A weight group holds the integer codes ``q[n, k]`` of ``n`` output channels over a reduction of
-    length ``k`` (for a convolution ``k = Cin/groups * kh * kw`` in ONNX order ``(c, kh, kw)``).
-    Codes are stored with an offset as unsigned ``u = q + z`` with ``z = 2^(b-1)`` in ``b`` storage
-    bits, ``b`` in {8, 4, 2}: 8 bits hold codes -128..127, 4 bits -8..7 (3- and 4-bit plans),
-    2 bits -2..1 (the 2-bit narrow range {-1, 0, 1}). 6-bit codes are stored in 8 bits.
+    length ``k`` (for a convolution ``k = kh * kw * Cp``, tap-major, see :mod:`.problem`). Codes
+    are stored in ``b`` storage bits, ``b`` in {8, 4, 2}: 8 bits hold -128..127, 4 bits -8..7
+    (3- and 4-bit plans), 2 bits -2..1 (the 2-bit narrow range {-1, 0, 1}); 6-bit codes use 8.
 
-Blocks
+Records
     Output channels are cut into blocks of ``BLOCK_N = 16`` and the reduction into words of
-    ``WORD_K = 4`` consecutive ``k``: a *tile* is 16 x 4 codes stored as 64 bytes, byte ``4 * i + j``
-    holding output channel ``16 * nb + i`` at ``k = 4 * w + j`` (the operand shape of the x86
-    ``vpdpbusd`` instruction, of four aarch64 ``sdot`` and of sixteen CUDA ``dp4a``).
-    With ``P = 8 / b`` codes per byte, ``P`` consecutive tiles along k share one 64-byte record:
-    tile ``p`` of record ``g`` (k-words ``g * P + p``) sits in bits ``[p * b, (p + 1) * b)`` of each
-    byte. The array is ``uint8 [NB, KG, 64]`` with ``NB = ceil(n / 16)`` and
-    ``KG = k_padded / (4 * P)``; 2-bit codes are four per byte, 4-bit two per byte, 8-bit one per
-    byte, so the bytes are ``NB * 16 * k_padded * b / 8``. Unpacking tile ``p`` is one shift and one
-    mask of a whole 64-byte vector.
+    ``WORD_K = 4`` consecutive ``k``. A *record* holds the 16 x 4 codes of one block and one word
+    in ``64 * b / 8`` bytes (64, 32 or 16), so every storage width has the same k granularity and
+    the packed bytes are ``NB * KW * 64 * b / 8`` with ``NB = ceil(n / 16)``, ``KW = ceil(k / 4)``:
+    the artifact's size follows the plan's bits. The array is ``uint8 [NB, KW, record bytes]``.
+    ``n`` and ``k`` are padded with code 0.
 
-Padding
-    ``k`` is padded to a multiple of ``K_ALIGN = 16`` (a whole record at every bit-width) and ``n``
-    to a multiple of 16, with code 0 (``u = z``). Padded channels are dropped by the kernels'
-    epilogues; padded ``k`` meet zero activations.
+    Where code ``(i, j)`` (channel ``16 * nb + i``, ``k = 4 * w + j``) sits inside its record is the
+    layout's business; each instruction set picks the layout its unpacking is cheapest for
+    (:class:`RecordLayout`):
+
+    ``dot4`` (int8 dot-product instructions: x86 ``vpmaddubsw`` / ``vpdpbusd``, aarch64 ``sdot``,
+    CUDA ``dp4a``, the portable kernels)
+        With ``P = 8 / b`` codes per byte, the 16 channels form ``P`` planes of ``16 / P``
+        channels: code ``(i, j)`` is in byte ``4 * (i % (16 / P)) + j``, bits
+        ``[b * (i // (16 / P)), + b)``. So one shift and one mask of the record give the 4-byte
+        words of ``16 / P`` consecutive channels (8-bit: byte ``4 i + j``, the ``vpdpbusd`` operand).
+        Storage: 8-bit codes two's complement (used as they are); 4/2-bit codes offset,
+        ``u = q + 2^(b-1)`` (unpack = shift, mask, subtract).
+
+    ``quads`` / ``pairs`` (16-bit multiply-add instructions: x86 ``vpmaddwd``)
+        The record is four *vectors* of 16 codes: ``quads``: vector ``v = i // 4`` holds channels
+        ``4 v .. 4 v + 3`` x 4 k at lane ``L = 4 * (i % 4) + j``; ``pairs``: vector
+        ``v = 2 * (j // 2) + i // 8`` holds channels ``8 (v % 2) ..`` + 7 x the k pair ``j // 2`` at
+        lane ``L = 2 * (i % 8) + j % 2`` (a ``vpmaddwd`` operand whose int32 results are 8
+        channels). ``P = 8 / b`` vectors share 16 bytes: code ``(i, j)`` is in byte
+        ``16 * (v // P) + L``, bits ``[b * (v % P), + b)``, two's complement. Zero-extending 16
+        bytes to 16-bit lanes and one shift pair (``(x << (16 - b - s)) >> (16 - b)``, arithmetic)
+        gives a vector as 16 signed int16.
 
 Integer arithmetic
-    With activation integers ``v_k`` (stored as int8 digits ``d_j`` with ``v = c + sum_j 256^j d_j``,
-    see :func:`act_digits`), a kernel computes ``acc_j = sum_k u * d_j`` (u8 x s8 dot products) and
-    recovers ``sum_k q * v = sum_j 256^j acc_j - z * rowsum + c * code_sum`` where
-    ``rowsum = sum_k (v_k - c)`` is per activation row and ``code_sum = sum_k q`` per output channel
-    (stored in :class:`PackedWeight`). All of it is exact in (wrapping) int32 arithmetic.
+    The kernels take signed codes (no weight offset), so ``sum_k q[o, k] v[m, k]`` needs no row
+    sums of the activations; an activation offset ``c`` (activations stored as ``v - c``) is
+    corrected with ``c * sum_k q[o, k]``, a constant per output channel. See :func:`act_digits`
+    for how activation integers are split into int8 digits where an instruction needs them.
 """
 from __future__ import annotations
 
@@ -42,13 +54,12 @@ import numpy as np
 
 BLOCK_N = 16
 WORD_K = 4
-RECORD_BYTES = BLOCK_N * WORD_K
-K_ALIGN = 16
 STORAGE_BITS = (2, 4, 8)
+LAYOUTS = ("dot4", "quads", "pairs")
 
 
 def storage_bits_for_range(qmin: int, qmax: int) -> int:
-    """The smallest storage width (2, 4 or 8 bits) whose offset codes hold [qmin, qmax]."""
+    """The smallest storage width (2, 4 or 8 bits) whose codes hold [qmin, qmax]."""
     for b in STORAGE_BITS:
         z = 1 << (b - 1)
         if qmin >= -z and qmax <= z - 1:
@@ -75,54 +86,67 @@ def pack_factor(bits: int) -> int:
 
 
 def padded_k(k: int) -> int:
-    return -(-int(k) // K_ALIGN) * K_ALIGN
+    """Reduction length rounded up to whole words."""
+    return -(-int(k) // WORD_K) * WORD_K
 
 
 def padded_n(n: int) -> int:
     return -(-int(n) // BLOCK_N) * BLOCK_N
 
 
-@dataclass(frozen=True)
-class PackedWeight:
-    """One packed weight group (see the module docstring for the layout)."""
+def record_bytes(bits: int) -> int:
+    return BLOCK_N * WORD_K * bits // 8
 
-    data: np.ndarray      # uint8 [NB, KG, 64]
-    bits: int             # storage bits: 2, 4 or 8
-    n: int                # output channels (rows) actually present
-    k: int                # reduction length before padding
-    code_sum: np.ndarray  # int32 [NB * 16]: sum_k q[o, k] (0 on padded rows)
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Where each code of a 16 x 4 record sits (see the module docstring)."""
+
+    kind: str   # dot4 | quads
+    bits: int   # storage bits
+
+    def __post_init__(self):
+        if self.kind not in LAYOUTS:
+            raise ValueError(f"unknown record layout {self.kind!r} (one of {LAYOUTS})")
+        pack_factor(self.bits)
+
+    @property
+    def signed(self) -> bool:
+        """Two's complement fields (else offset codes ``q + 2^(b-1)``)."""
+        return self.kind in ("quads", "pairs") or self.bits == 8
 
     @property
     def zero(self) -> int:
-        return 1 << (self.bits - 1)
-
-    @property
-    def pack(self) -> int:
-        return pack_factor(self.bits)
-
-    @property
-    def k_padded(self) -> int:
-        return self.data.shape[1] * WORD_K * self.pack
-
-    @property
-    def n_blocks(self) -> int:
-        return self.data.shape[0]
-
-    @property
-    def n_padded(self) -> int:
-        return self.data.shape[0] * BLOCK_N
+        return 0 if self.signed else 1 << (self.bits - 1)
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes)
+        return record_bytes(self.bits)
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(byte, shift) of code (i, j) as two int arrays [16, 4]."""
+        b = self.bits
+        p = 8 // b
+        i = np.arange(BLOCK_N)[:, None]
+        j = np.arange(WORD_K)[None, :]
+        if self.kind == "dot4":
+            per = BLOCK_N // p
+            byte = 4 * (i % per) + j
+            shift = b * (i // per) + 0 * j
+        else:
+            if self.kind == "quads":
+                v = i // 4 + 0 * j
+                lane = 4 * (i % 4) + j
+            else:
+                v = 2 * (j // 2) + i // 8
+                lane = 2 * (i % 8) + j % 2
+            byte = 16 * (v // p) + lane
+            shift = b * (v % p)
+        return byte.astype(np.int64), shift.astype(np.int64)
 
 
-def pack_weight(codes: np.ndarray, bits: int | None = None, k_padded: int | None = None) -> PackedWeight:
-    """Pack integer codes ``[n, k]`` (any integer dtype) into the blocked layout.
-
-    ``bits`` is the storage width; by default the smallest that holds the codes. ``k_padded``
-    (a multiple of 16, at least k) lets groups of one layer share a padded length.
-    """
+def pack_records(codes: np.ndarray, layout: RecordLayout, k_padded: int | None = None) -> np.ndarray:
+    """Pack integer codes ``[n, k]`` into ``uint8 [NB, KW, record bytes]`` (see the module docstring)."""
     q = np.asarray(codes)
     if q.ndim != 2:
         raise ValueError(f"codes must be 2-D [n, k], got shape {q.shape}")
@@ -131,50 +155,46 @@ def pack_weight(codes: np.ndarray, bits: int | None = None, k_padded: int | None
             raise ValueError("codes must be integers")
     q = q.astype(np.int64)
     n, k = q.shape
-    qmin = int(q.min()) if q.size else 0
-    qmax = int(q.max()) if q.size else 0
-    need = storage_bits_for_range(qmin, qmax)
-    if bits is None:
-        bits = need
-    elif bits not in STORAGE_BITS:
-        raise ValueError(f"storage bits must be one of {STORAGE_BITS}, got {bits}")
-    elif need > bits:
-        raise ValueError(f"codes in [{qmin}, {qmax}] do not fit in {bits} storage bits")
+    b = layout.bits
+    if q.size:
+        need = storage_bits_for_range(int(q.min()), int(q.max()))
+        if need > b:
+            raise ValueError(f"codes in [{int(q.min())}, {int(q.max())}] do not fit in {b} storage bits")
     kp = padded_k(k) if k_padded is None else int(k_padded)
-    if kp < k or kp % K_ALIGN:
-        raise ValueError(f"k_padded={kp} must be a multiple of {K_ALIGN} and >= k={k}")
-    z = 1 << (bits - 1)
-    p = 8 // bits
+    if kp < k or kp % WORD_K:
+        raise ValueError(f"k_padded={kp} must be a multiple of {WORD_K} and >= k={k}")
     npad = padded_n(max(n, 1))
-    u = np.full((npad, kp), z, dtype=np.uint8)
-    u[:n, :k] = (q + z).astype(np.uint8)
-    # [NB, 16, KW, 4] -> [NB, KW, 16, 4]: one 16 x 4 tile per (block, k-word)
-    tiles = u.reshape(npad // BLOCK_N, BLOCK_N, kp // WORD_K, WORD_K).transpose(0, 2, 1, 3)
-    tiles = tiles.reshape(npad // BLOCK_N, kp // (WORD_K * p), p, RECORD_BYTES)
-    data = np.zeros((npad // BLOCK_N, kp // (WORD_K * p), RECORD_BYTES), dtype=np.uint8)
-    for i in range(p):
-        data |= (tiles[:, :, i, :] << np.uint8(i * bits)).astype(np.uint8)
-    code_sum = np.zeros(npad, dtype=np.int64)
-    code_sum[:n] = q.sum(axis=1)
-    return PackedWeight(np.ascontiguousarray(data), int(bits), int(n), int(k), code_sum.astype(np.int32))
+    full = np.zeros((npad, kp), np.int64)
+    full[:n, :k] = q
+    mask = (1 << b) - 1
+    field = (full + layout.zero) & mask  # offset codes, or two's complement in b bits
+    tiles = field.reshape(npad // BLOCK_N, BLOCK_N, kp // WORD_K, WORD_K).transpose(0, 2, 1, 3)  # [NB, KW, 16, 4]
+    byte, shift = layout.positions()
+    out = np.zeros((npad // BLOCK_N, kp // WORD_K, layout.nbytes), np.int64)
+    for i in range(BLOCK_N):
+        for j in range(WORD_K):
+            out[:, :, byte[i, j]] |= tiles[:, :, i, j] << shift[i, j]
+    return np.ascontiguousarray(out.astype(np.uint8))
 
 
-def unpack_offset_codes(pw: PackedWeight) -> np.ndarray:
-    """The stored offset codes ``u`` as uint8 ``[n_padded, k_padded]`` (padding included)."""
-    p, b = pw.pack, pw.bits
-    mask = np.uint8((1 << b) - 1)
-    nb, kg, _ = pw.data.shape
-    tiles = np.empty((nb, kg, p, RECORD_BYTES), dtype=np.uint8)
-    for i in range(p):
-        tiles[:, :, i, :] = (pw.data >> np.uint8(i * b)) & mask
-    tiles = tiles.reshape(nb, kg * p, BLOCK_N, WORD_K).transpose(0, 2, 1, 3)
-    return tiles.reshape(nb * BLOCK_N, kg * p * WORD_K)
-
-
-def unpack_weight(pw: PackedWeight) -> np.ndarray:
-    """The codes ``q`` as int8 ``[n, k]`` (inverse of :func:`pack_weight`)."""
-    u = unpack_offset_codes(pw)[: pw.n, : pw.k].astype(np.int16)
-    return (u - pw.zero).astype(np.int8)
+def unpack_records(data: np.ndarray, layout: RecordLayout, n: int, k: int) -> np.ndarray:
+    """The codes ``q`` as int8 ``[n, k]`` (inverse of :func:`pack_records`)."""
+    d = np.asarray(data).astype(np.int64)
+    nb, kw, _ = d.shape
+    b = layout.bits
+    mask = (1 << b) - 1
+    byte, shift = layout.positions()
+    tiles = np.zeros((nb, kw, BLOCK_N, WORD_K), np.int64)
+    for i in range(BLOCK_N):
+        for j in range(WORD_K):
+            f = (d[:, :, byte[i, j]] >> shift[i, j]) & mask
+            if layout.signed:
+                f = np.where(f >= 1 << (b - 1), f - (1 << b), f)
+            else:
+                f = f - layout.zero
+            tiles[:, :, i, j] = f
+    full = tiles.transpose(0, 2, 1, 3).reshape(nb * BLOCK_N, kw * WORD_K)
+    return full[:n, :k].astype(np.int8)
 
 
 def merge_groups(sizes: list[int], bits: list[int], k_padded: int) -> list[list[int]]:
@@ -225,10 +245,11 @@ def unpack_float_weight(data: np.ndarray, n: int, k: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ activation digits
 def digits_needed(vmin: int, vmax: int) -> tuple[int, int]:
-    """(number of int8 digits, offset c) to store activation integers in [vmin, vmax].
+    """(number of int8 digits, offset c) to store activation integers in [vmin, vmax] as signed
+    digits ``d`` with ``v = c + sum_j 256^j d_j``.
 
-    One digit when the range spans at most 256 values (``d = v - c`` with ``c = vmin + 128``, or
-    ``c = 0`` when the range already fits in int8); otherwise two digits with ``c = 0`` (int16).
+    One digit when the range spans at most 256 values (``c = 0`` when it already fits in int8,
+    else ``c = vmin + 128``); otherwise two digits with ``c = 0`` (int16).
     """
     if vmin > vmax:
         raise ValueError("empty activation range")
@@ -255,17 +276,3 @@ def act_digits(v: np.ndarray, ndigits: int, offset: int) -> np.ndarray:
             raise ValueError("values do not fit two int8 digits")
         return np.stack([lo, hi]).astype(np.int8)
     raise ValueError("ndigits must be 1 or 2")
-
-
-def reference_packed_matmul(digits: np.ndarray, offset: int, pw: PackedWeight) -> np.ndarray:
-    """Exact ``sum_k q[o, k] * v[m, k]`` (int64 [M, n]) computed the way the kernels do.
-
-    ``digits`` is int8 ``[D, M, k_padded]`` (zero beyond k). Used by the tests as the reference for
-    the packed-arithmetic identity (see the module docstring).
-    """
-    d = np.asarray(digits).astype(np.int64)
-    u = unpack_offset_codes(pw).astype(np.int64)  # [n_pad, kp]
-    acc = sum((256 ** j) * (d[j] @ u.T) for j in range(d.shape[0]))
-    rowsum = sum((256 ** j) * d[j].sum(axis=1) for j in range(d.shape[0]))
-    r = acc - pw.zero * rowsum[:, None] + offset * pw.code_sum.astype(np.int64)[None, :]
-    return r[:, : pw.n]
