@@ -290,6 +290,7 @@ FUSED_CASES = [
     ((8, 16, [8], "pow2", "NHWC"), (16, 3, (1, 1, 1, 1), [8], "pow2", True)),
     ((8, 16, [32], None, "NHWC"), (16, 1, (0, 0, 0, 0), [32], None, False)),
     ((8, 16, [8], "pow2", "NCHW"), (16, 3, (1, 1, 1, 1), [4], "u8zp", False)),
+    ((8, 24, [8], "s8", "NHWC"), (20, 3, (1, 1, 1, 1), [4, 2], "pow2", False)),  # segmented consumer
 ]
 
 
@@ -318,6 +319,32 @@ def test_producer_writes_the_consumers_operand(isa, prod, cons):
     xin = _inputs((3, ci, h, w), 4)
     ref = P.reference_conv(opB, gB, P.reference_conv(opA, gA, xin, wA), wB)
     _close(_run(bb.get(), xin), ref)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("isa", sorted({"x86_avx512_vnni", "arm_dot", HOST_ISA} & set(CPU_ISAS) | ({"x86_avx2"} if X86 else set())))
+def test_exponent_classes_give_one_digit(isa):
+    """pow2 activations spanning 11 bits run as one 8-bit digit per exponent class (u8 / s8 dot
+    products), not as two digits or int16, and equal the reference (saturating inputs too)."""
+    n, k = 40, 61
+    sh = RNG.integers(0, 4, k)
+    act = P.ActQuant.build(np.float32(0.01) * np.exp2(sh).astype(np.float32), 0, 0, 255, k)
+    assert act.digits()[0] == 2
+    op = P.LinearOp(k=k, n_out=n, groups=_groups(n, k, [4, 2]), bias=RNG.normal(size=n).astype(np.float32), act=act)
+    fmt = I.get(isa).strategies(op)[0].fmt
+    if isa in ("x86_avx2", "x86_avx512_vnni", "arm_dot"):
+        assert fmt.segments is not None and fmt.digits == 1 and fmt.kind in ("u8", "s8")
+    x = _inputs((5, k), 3)
+    with _emulated(isa):
+        y = _run(emit.linear_module(op, isa, batch=5), x)
+    _close(y, op.reference(x))
+    geom = P.ConvGeom(k, n, 6, 6, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1).with_layouts("NHWC", "NCHW")
+    op, g2, wrows = _conv_op("c", k, n, 6, 6, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [4], "pow2", ("NHWC", "NCHW"))
+    x = _inputs((2, k, 6, 6), 3)
+    with _emulated(isa):
+        y = _run(emit.conv_module(op, isa, batch=2), _to("NHWC", x))
+    _close(y, P.reference_conv(op, g2, x, wrows))
+    del geom
 
 
 # ===================================================================================== code generation

@@ -47,10 +47,15 @@ class ActFormat:
     kind: str
     digits: int = 1
     offset: int = 0
+    segments: object = None  # problem.Segments: channels grouped by exponent (one digit each)
 
     @property
     def dtype(self) -> str:
         return ACT_DTYPES[self.kind]
+
+    def channels(self, cp: int) -> int:
+        """Channel positions of the stored operand (segmented: the padded classes)."""
+        return self.segments.width if self.segments is not None else cp
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,11 @@ class FusedOut:
             return None
         return self.act.tables()
 
+    def seg_table(self):
+        """int32 [2, channels] (offset, position) of a segmented consumer operand, else None."""
+        seg = self.fmt.segments
+        return None if seg is None else seg.channel_table(self.channels)
+
 
 def dtype_of(expr) -> str:
     """The dtype string of a TIR expression (e.g. ``"int32x16"``)."""
@@ -156,9 +166,17 @@ class Strategy:
     def __init__(self, op: LinearOp, group):
         self.op, self.g = op, group
 
+    def kernel_k(self) -> int:
+        """Reduction length of the packed weights (segmented: ``taps * width``)."""
+        seg = self.fmt.segments
+        if seg is None:
+            return self.op.k_padded
+        taps, _ = _taps_and_cp(self.op)
+        return taps * seg.width
+
     def weight_shape(self) -> tuple[tuple[int, ...], str]:
         """Shape and dtype of :meth:`pack`'s array."""
-        a = self.pack(self.op.k_padded)
+        a = self.pack(self.kernel_k())
         return a.shape, str(a.dtype)
 
     # ---- compile-time side
@@ -166,12 +184,32 @@ class Strategy:
         """The group's weights in this strategy's layout."""
         raise NotImplementedError
 
+    def kernel_codes(self) -> np.ndarray:
+        """The group's codes in the kernel's reduction order (segmented: class-major)."""
+        seg = self.fmt.segments
+        if seg is None:
+            return self.g.codes
+        return segment_codes(self.op, self.g.codes, seg)
+
     def correction(self) -> np.ndarray | None:
-        """Static int32 correction per row (``offset * sum_k q``), None when zero."""
-        off = self.fmt.offset
-        if self.op.mode != "int" or not off:
+        """Static int32 correction per row (``offset * sum_k q``; segmented: the classes' offsets
+        weighted by ``2^(k_e - k_last)``), None when zero."""
+        if self.op.mode != "int":
             return None
-        return off * self.g.code_sum()
+        seg = self.fmt.segments
+        if seg is None:
+            off = self.fmt.offset
+            return off * self.g.code_sum() if off else None
+        q = self.kernel_codes().astype(np.int64)
+        out = np.zeros(q.shape[0], np.int64)
+        last = seg.shifts[-1]
+        for (w0, w1), e, off in zip(segment_k_ranges(self.op, seg), seg.shifts, seg.offsets):
+            out += (off << (e - last)) * q[:, w0:w1].sum(axis=1)
+        return out
+
+    def shift(self, t, bits: int) -> None:
+        """Multiply every int32 accumulator by ``2^bits`` (segmented reductions)."""
+        raise NotImplementedError(f"{type(self).__name__} has no segmented reduction")
 
     def tile(self, expected_rows: int) -> TileShape:
         """The largest register tile that fits (accumulators + live weights + activations),
@@ -237,6 +275,41 @@ class Strategy:
         return concat([bufs[first + i][t.T.ramp(0, 1, lanes)] for i in range(count)])
 
 
+# ===================================================================================== segments
+def _taps_and_cp(op: LinearOp) -> tuple[int, int]:
+    if op.kind == "dense":
+        return 1, op.k
+    cp = op.geom.cp if op.geom is not None else None
+    if cp is None:
+        from .problem import channel_pad  # noqa: PLC0415
+
+        cp = channel_pad(op.channels, op.quantized)
+    return op.k // cp, cp
+
+
+def segment_codes(op: LinearOp, codes: np.ndarray, seg) -> np.ndarray:
+    """Codes ``[n, taps * cp]`` (tap-major) reordered to ``[n, taps * width]``: class-major, then
+    tap, then the class's channels padded to whole words."""
+    taps, cp = _taps_and_cp(op)
+    q = np.asarray(codes).reshape(codes.shape[0], taps, cp)
+    parts = []
+    for ch, sz in zip(seg.chans, seg.sizes):
+        blk = np.zeros((q.shape[0], taps, sz), q.dtype)
+        blk[:, :, :len(ch)] = q[:, :, list(ch)]
+        parts.append(blk.reshape(q.shape[0], taps * sz))
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+def segment_k_ranges(op: LinearOp, seg) -> list[tuple[int, int]]:
+    """[k0, k1) of each class in :func:`segment_codes`' order."""
+    taps, _ = _taps_and_cp(op)
+    out, k0 = [], 0
+    for sz in seg.sizes:
+        out.append((k0, k0 + taps * sz))
+        k0 += taps * sz
+    return out
+
+
 # ===================================================================================== rows / layout
 class Row:
     """Coordinates of one output row of a register tile."""
@@ -264,11 +337,12 @@ class Layout:
             if self.direct:
                 self.A = T.arg("A", T.buffer((m, c64(op.k)), "float32"))
             else:
-                self.A = T.arg("A", T.buffer((c64(self.fmt.digits), m, c64(op.k_padded)), self.fmt.dtype))
+                self.A = T.arg("A", T.buffer((c64(self.fmt.digits), m, c64(self.fmt.channels(op.k_padded))),
+                                             self.fmt.dtype))
         else:
             self.nbatch = nb = tirx.Var("n", "int64")
             self.m = nb * c64(g.out_h * g.out_w)
-            sp = (c64(g.hp), c64(g.wp), c64(g.cp))
+            sp = (c64(g.hp), c64(g.wp), c64(self.fmt.channels(g.cp)))
             self.A = T.arg("A", T.buffer((c64(self.fmt.digits), nb) + sp, self.fmt.dtype))
 
     @property
@@ -460,68 +534,90 @@ def core_func(op: LinearOp, strategies: list[Strategy], expected_rows: int, name
 
 
 def _emit_tile(t: TileCtx, lay: Layout, op: LinearOp) -> None:
-    """Accumulate one register tile over the whole reduction."""
-    T, tirx, s = t.T, t.tirx, t.s
+    """Accumulate one register tile over the whole reduction (segment by segment)."""
+    s = t.s
     s.begin(t)
     step = s.k_step
-    fe = s.flush_every
+    seg = s.fmt.segments
     if lay.kind == "dense":
         n = (op.k if lay.direct else op.k_padded) // step
-        if fe and n > fe:
-            full, rest = divmod(n, fe)
+        plan = [(0, n, 0)] if seg is None else \
+            [(st // step, sz // step, st) for st, sz in zip(seg.starts, seg.sizes)]
+    else:
+        per_tap = lay.geom.cp // step
+        plan = [(0, per_tap, 0)] if seg is None else \
+            [(lay.geom.taps * st // step, sz // step, st) for st, sz in zip(seg.starts, seg.sizes)]
+    for i, (w0, words, c0) in enumerate(plan):
+        _emit_segment(t, lay, op, w0, words, c0)
+        if s.flush_every:
+            s.flush(t)
+        if seg is not None and i + 1 < len(plan):
+            s.shift(t, seg.shifts[i] - seg.shifts[i + 1])
+
+
+def _emit_segment(t: TileCtx, lay: Layout, op: LinearOp, w0: int, words: int, c0: int) -> None:
+    """Words ``w0 ..`` of the weights against activation channels from ``c0``: dense ``words``
+    words; conv ``words`` words per tap. Flushes every ``flush_every`` words (the caller flushes
+    after the segment)."""
+    T, tirx, s = t.T, t.tirx, t.s
+    step = s.k_step
+    fe = s.flush_every
+
+    def dense_words(first, count):
+        with T.serial(c64(0), c64(count)) as wi:
+            w = T.Bind(c64(first) + wi)
+            s.word(t, T.Bind(c64(w0) + w), lay.act_loader(T, tirx, c64(c0) + w * c64(step)))
+
+    if lay.kind == "dense":
+        if fe and words > fe:
+            full, rest = divmod(words, fe)
             with T.serial(c64(0), c64(full)) as ch:
                 with T.serial(c64(0), c64(fe)) as wi:
-                    kw = T.Bind(ch * c64(fe) + wi)
-                    s.word(t, kw, lay.act_loader(T, tirx, kw * c64(step)))
+                    w = T.Bind(ch * c64(fe) + wi)
+                    s.word(t, T.Bind(c64(w0) + w), lay.act_loader(T, tirx, c64(c0) + w * c64(step)))
                 s.flush(t)
             if rest:
-                with T.serial(c64(0), c64(rest)) as wi:
-                    kw = T.Bind(c64(full * fe) + wi)
-                    s.word(t, kw, lay.act_loader(T, tirx, kw * c64(step)))
-                s.flush(t)
+                dense_words(full * fe, rest)
         else:
-            with T.serial(c64(0), c64(n)) as kw:
-                s.word(t, kw, lay.act_loader(T, tirx, kw * c64(step)))
-            if fe:
-                s.flush(t)
+            dense_words(0, words)
         return
     g = lay.geom
-    per_tap = g.cp // step
 
-    def tap_body(tap):
+    def tap_offsets(tap):
         ti = T.Bind(tirx.floordiv(tap, c64(g.kw)) * c64(g.dilation[0]))
         tj = T.Bind(tirx.floormod(tap, c64(g.kw)) * c64(g.dilation[1]))
-        with T.serial(c64(0), c64(per_tap)) as wi:
-            kw = T.Bind(tap * c64(per_tap) + wi)
-            s.word(t, kw, lay.act_loader(T, tirx, (ti, tj, wi * c64(step))))
+        return ti, tj
+
+    def tap_words(tap, first, count):
+        ti, tj = tap_offsets(tap)
+        with T.serial(c64(0), c64(count)) as wi:
+            w = T.Bind(c64(first) + wi)
+            kw = T.Bind(c64(w0) + tap * c64(words) + w)
+            s.word(t, kw, lay.act_loader(T, tirx, (ti, tj, c64(c0) + w * c64(step))))
 
     if not fe:
         with T.serial(c64(0), c64(g.taps)) as tap:
-            tap_body(tap)
+            tap_words(tap, 0, words)
         return
-    if per_tap > fe:
+    if words > fe:
         # flush inside a tap: split the tap's words into chunks of ``fe``
         with T.serial(c64(0), c64(g.taps)) as tap:
-            ti = T.Bind(tirx.floordiv(tap, c64(g.kw)) * c64(g.dilation[0]))
-            tj = T.Bind(tirx.floormod(tap, c64(g.kw)) * c64(g.dilation[1]))
-            for c0 in range(0, per_tap, fe):
-                with T.serial(c64(0), c64(min(fe, per_tap - c0))) as wi:
-                    w = T.Bind(c64(c0) + wi)
-                    kw = T.Bind(tap * c64(per_tap) + w)
-                    s.word(t, kw, lay.act_loader(T, tirx, (ti, tj, w * c64(step))))
-                s.flush(t)
+            for first in range(0, words, fe):
+                tap_words(tap, first, min(fe, words - first))
+                if first + fe < words:
+                    s.flush(t)
+            s.flush(t)
         return
-    tpf = max(1, fe // per_tap)  # taps between flushes
+    tpf = max(1, fe // words)  # taps between flushes
     full, rest = divmod(g.taps, tpf)
     if full:
         with T.serial(c64(0), c64(full)) as to:
             with T.serial(c64(0), c64(tpf)) as tin:
-                tap_body(T.Bind(to * c64(tpf) + tin))
+                tap_words(T.Bind(to * c64(tpf) + tin), 0, words)
             s.flush(t)
     if rest:
         with T.serial(c64(0), c64(rest)) as tin:
-            tap_body(T.Bind(c64(full * tpf) + tin))
-        s.flush(t)
+            tap_words(T.Bind(c64(full * tpf) + tin), 0, words)
 
 
 class _Epilogue:
@@ -658,7 +754,7 @@ def _quantize(T, tirx, fo: FusedOut, tabs, v, ch, lanes: int, along: str):
 
     if tabs is None:
         return [v]
-    fs, fi = tabs
+    fs, fi = tabs[0], tabs[1]
 
     def tab(buf, row_i, dtype):
         if lanes == 1 or along == "pix":  # one channel
@@ -674,6 +770,9 @@ def _quantize(T, tirx, fo: FusedOut, tabs, v, ch, lanes: int, along: str):
     q = tirx.max(tirx.min(q, T.Cast(fl, tab(fi, 2, "int32"))), T.Cast(fl, tab(fi, 1, "int32")))
     if fo.fmt.kind == "f32":
         return [(q - T.Cast(fl, zp)) * sc]
+    if fo.fmt.segments is not None:  # code relative to zp, minus the class offset (lanes == 1)
+        r = T.Bind(T.Cast(il, q) - zp - tabs[2][c64(0), ch])
+        return [digit_expr(T, r, d, fo.fmt, lanes) for d in range(fo.fmt.digits)]
     r = T.shift_left(T.Cast(il, q) - zp, tab(fi, 3, "int32"))
     if fo.fmt.offset:
         off = T.int32(fo.fmt.offset)
@@ -684,10 +783,21 @@ def _quantize(T, tirx, fo: FusedOut, tabs, v, ch, lanes: int, along: str):
 
 def put_fused(T, tirx, fused, v, row, ch, lanes: int) -> None:
     """Quantize final values ``v`` (``lanes`` channels from ``ch`` of output row ``row``) into every
-    fused output ``(FusedOut, tables, buffer)``."""
+    fused output ``(FusedOut, tables, buffer)``; a segmented operand is written channel by channel
+    (its channels are permuted by class)."""
+    tmp = None
     for fo, tabs, buf in fused:
-        for d, val in enumerate(_quantize(T, tirx, fo, tabs, v, ch, lanes, "c")):
-            T.buffer_store(buf, val, _fused_index(T, fo, d, row, ch, lanes))
+        if fo.fmt.segments is None or lanes == 1:
+            for d, val in enumerate(_quantize(T, tirx, fo, tabs, v, ch, lanes, "c")):
+                T.buffer_store(buf, val, _fused_index(T, fo, d, row, ch, lanes, tabs))
+            continue
+        if tmp is None:
+            tmp = T.alloc_buffer((lanes,), "float32", scope="global")
+            T.buffer_store(tmp, v, [T.ramp(0, 1, lanes)])
+        for ln in range(lanes):
+            c = ch + c64(ln)
+            for d, val in enumerate(_quantize(T, tirx, fo, tabs, tmp[ln], c, 1, "c")):
+                T.buffer_store(buf, val, _fused_index(T, fo, d, row, c, 1, tabs))
 
 
 def declare_fused(T, fused, nbatch, m=None):
@@ -696,8 +806,11 @@ def declare_fused(T, fused, nbatch, m=None):
     tabs = []
     for fi, fo in enumerate(fused):
         if fo.act is not None:
-            tabs.append((T.arg(f"F{fi}_scale", T.buffer((c64(1), c64(fo.channels)), "float32")),
-                         T.arg(f"F{fi}_int", T.buffer((c64(4), c64(fo.channels)), "int32"))))
+            t = (T.arg(f"F{fi}_scale", T.buffer((c64(1), c64(fo.channels)), "float32")),
+                 T.arg(f"F{fi}_int", T.buffer((c64(4), c64(fo.channels)), "int32")))
+            if fo.fmt.segments is not None:
+                t = t + (T.arg(f"F{fi}_seg", T.buffer((c64(2), c64(fo.channels)), "int32")),)
+            tabs.append(t)
         else:
             tabs.append(None)
 
@@ -712,9 +825,12 @@ def fill_padding(T, tirx, fused, bufs, nbatch, m=None) -> None:
         _fill_padding(T, tirx, fo, buf, nbatch, m)
 
 
-def _fused_index(T, fo: FusedOut, d: int, row, ch, lanes: int):
+def _fused_index(T, fo: FusedOut, d: int, row, ch, lanes: int, tabs=None):
     """Index of ``lanes`` consecutive channels from ``ch`` of one output row in a fused output."""
-    cidx = T.ramp(ch, c64(1), lanes) if lanes > 1 else ch
+    if fo.fmt.segments is not None:
+        cidx = T.Cast("int64", tabs[2][c64(1), ch])  # the channel's position (lanes == 1)
+    else:
+        cidx = T.ramp(ch, c64(1), lanes) if lanes > 1 else ch
     if fo.kind == "dense":
         return [c64(d), row.m, cidx]
     h = row.h_out + c64(fo.top)
@@ -726,40 +842,60 @@ def _fused_index(T, fo: FusedOut, d: int, row, ch, lanes: int):
 
 def _fill_padding(T, tirx, fo: FusedOut, buf, nbatch, rows) -> None:
     """Write the integer 0 into a fused output's halo and padded channels (serial; small)."""
+    seg = fo.fmt.segments
+    if seg is None:
+        runs = [(0, fo.cp, fo.zero_digits(), fo.channels)]  # (start, end, zero digits, first pad)
+    else:
+        runs = []
+        for st, sz, ch, off in zip(seg.starts, seg.sizes, seg.chans, seg.offsets):
+            runs.append((st, st + sz, _digits_of(-off, fo.fmt), st + len(ch)))
     if fo.kind == "dense":
-        if fo.cp == fo.channels:
-            return
-        zs = fo.zero_digits()
-        with T.serial(c64(0), rows) as m:
-            with T.serial(c64(fo.channels), c64(fo.cp)) as c:
-                for d, z in enumerate(zs):
-                    T.buffer_store(buf, tirx.const(z, fo.fmt.dtype), [c64(d), m, c])
+        for _, c1, zs, pad0 in runs:
+            if c1 <= pad0:
+                continue
+            with T.serial(c64(0), rows) as m:
+                with T.serial(c64(pad0), c64(c1)) as c:
+                    for d, z in enumerate(zs):
+                        T.buffer_store(buf, tirx.const(z, fo.fmt.dtype), [c64(d), m, c])
         return
-    zs = fo.zero_digits()
     bottom = fo.top + fo.in_h
     right = fo.left + fo.in_w
 
-    def put(b, h, w, c0, c1):
-        with T.serial(c64(c0), c64(c1)) as c:
-            for d, z in enumerate(zs):
-                idx = [b, h, w, c] if fo.kind == "depthwise" else [c64(d), b, h, w, c]
-                T.buffer_store(buf, tirx.const(z, fo.fmt.dtype), idx)
+    def put(b, h, w, interior: bool):
+        for c0, c1, zs, pad0 in runs:
+            lo = pad0 if interior else c0
+            if c1 <= lo:
+                continue
+            with T.serial(c64(lo), c64(c1)) as c:
+                for d, z in enumerate(zs):
+                    idx = [b, h, w, c] if fo.kind == "depthwise" else [c64(d), b, h, w, c]
+                    T.buffer_store(buf, tirx.const(z, fo.fmt.dtype), idx)
 
+    padded_channels = any(c1 > pad0 for _, c1, _, pad0 in runs)
     with T.serial(c64(0), nbatch) as b:
         for h0, h1 in ((0, fo.top), (bottom, fo.hp)):
             if h1 > h0:
                 with T.serial(c64(h0), c64(h1)) as h:
                     with T.serial(c64(0), c64(fo.wp)) as w:
-                        put(b, h, w, 0, fo.cp)
-        if fo.left or right < fo.wp or fo.cp > fo.channels:
+                        put(b, h, w, False)
+        if fo.left or right < fo.wp or padded_channels:
             with T.serial(c64(fo.top), c64(bottom)) as h:
                 for w0, w1 in ((0, fo.left), (right, fo.wp)):
                     if w1 > w0:
                         with T.serial(c64(w0), c64(w1)) as w:
-                            put(b, h, w, 0, fo.cp)
-                if fo.cp > fo.channels:
+                            put(b, h, w, False)
+                if padded_channels:
                     with T.serial(c64(fo.left), c64(right)) as w:
-                        put(b, h, w, fo.channels, fo.cp)
+                        put(b, h, w, True)
+
+
+def _digits_of(r: int, fmt: ActFormat) -> list[int]:
+    if fmt.kind in ("i16", "f32") or fmt.digits == 1:
+        return [r]
+    if fmt.kind == "u8":
+        return [r & 255, r >> 8]
+    lo = ((r + 128) & 255) - 128
+    return [lo, (r - lo) >> 8]
 
 
 # ===================================================================================== row tables
@@ -769,6 +905,9 @@ def row_tables(op: LinearOp, strategies: list[Strategy]) -> dict[str, np.ndarray
     bias = op.bias_or_zero()
     mode = op.mode
     s_act = np.float32(op.act.base_scale) if mode == "int" else np.float32(1)
+    seg = strategies[0].fmt.segments
+    if seg is not None:  # the last class's 2^k (exact: a power of two)
+        s_act = np.float32(s_act * np.float32(2.0 ** seg.shifts[-1]))
     scales, biases, corr, oidx = [], [], [], []
     for g, s in zip(op.groups, strategies):
         npad = g.n_blocks * BLOCK_N
@@ -801,8 +940,7 @@ def row_tables(op: LinearOp, strategies: list[Strategy]) -> dict[str, np.ndarray
 
 def core_args(op: LinearOp, strategies: list[Strategy]) -> list[np.ndarray]:
     """The constant arrays the core takes after ``A``: weights, epi, corr (int), oidx, obase."""
-    kp = op.k_padded
-    arrs = [s.pack(kp) for s in strategies]
+    arrs = [s.pack(s.kernel_k()) for s in strategies]
     tabs = row_tables(op, strategies)
     arrs.append(tabs["epi"])
     if "corr" in tabs:

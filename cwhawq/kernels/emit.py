@@ -75,7 +75,13 @@ def _fused_args(fused) -> list:
         tabs = fo.tables()
         if tabs is not None:
             args += [_const(tabs[0]), _const(tabs[1])]
+            if fo.fmt.segments is not None:
+                args.append(_const(fo.seg_table()))
     return args
+
+
+def _seg_args(fmt) -> list:
+    return [] if fmt.segments is None else [_const(fmt.segments.table())]
 
 
 def _core(bb, op, isa, strategies, a_args, out_shape, expected_rows, name, residual, fused=(), emit_y=True,
@@ -121,8 +127,8 @@ def emit_linear(bb, x, op: LinearOp, isa, expected_rows: int = 1, residual=None,
     else:
         f = prologue.dense_prologue_func(op, fmt, gpu=isa.name == "cuda", expected_rows=exp)
         gv = add_func(bb, f, f"{name}_pro")
-        a = bb.emit(relax.call_tir(gv, [x] + _act_args(op),
-                                   relax.TensorType([fmt.digits, rows, op.k_padded], fmt.dtype)))
+        a = bb.emit(relax.call_tir(gv, [x] + _act_args(op) + _seg_args(fmt),
+                                   relax.TensorType([fmt.digits, rows, fmt.channels(op.k_padded)], fmt.dtype)))
         a_args = [a]
     y, fv = _core(bb, op, isa, ss, a_args, [rows, op.n_out], exp, f"{name}_core", residual, fused, emit_y,
                   rows=rows)
@@ -150,8 +156,8 @@ def emit_conv2d(bb, x, op: LinearOp, isa, expected_batch: int = 1, residual=None
     else:
         f = prologue.conv_prologue_func(op, fmt, gpu=isa.name == "cuda", expected_batch=expected_batch)
         gv = add_func(bb, f, f"{name}_pro")
-        a = bb.emit(relax.call_tir(gv, [x] + _act_args(op), relax.TensorType(
-            [fmt.digits, nb, geom.hp, geom.wp, geom.cp], fmt.dtype)))
+        a = bb.emit(relax.call_tir(gv, [x] + _act_args(op) + _seg_args(fmt), relax.TensorType(
+            [fmt.digits, nb, geom.hp, geom.wp, fmt.channels(geom.cp)], fmt.dtype)))
     rows = expected_batch * geom.out_h * geom.out_w
     y, fv = _core(bb, op, isa, ss, [a], geom.out_shape(nb), rows, f"{name}_core", residual, fused, emit_y, nb=nb)
     return (y, fv) if (fused or not emit_y) else y
@@ -223,15 +229,15 @@ def fused_input(consumer: LinearOp, isa) -> core.FusedOut:
         fmt = ActFormat("f32") if consumer.mode == "fp32" else isa.strategies(consumer)[0].fmt
         if consumer.mode == "fp32":
             raise ValueError("an fp32 dense layer reads its float input directly")
-        return core.FusedOut(fmt, consumer.act, "dense", consumer.k, consumer.k_padded)
+        return core.FusedOut(fmt, consumer.act, "dense", consumer.k, fmt.channels(consumer.k_padded))
     if geom.depthwise:
         if geom.cout != geom.cin:
             raise ValueError("fused input of a depthwise layer with a channel multiplier")
         return core.FusedOut(ActFormat("f32"), consumer.act, "depthwise", geom.cin, depthwise.padded_rows(consumer),
                              geom.hp, geom.wp, geom.pads[0], geom.pads[1], geom.in_h, geom.in_w)
     fmt = isa.strategies(consumer)[0].fmt
-    return core.FusedOut(fmt, consumer.act, "conv", geom.cin, geom.cp, geom.hp, geom.wp, geom.pads[0], geom.pads[1],
-                         geom.in_h, geom.in_w)
+    return core.FusedOut(fmt, consumer.act, "conv", geom.cin, fmt.channels(geom.cp), geom.hp, geom.wp, geom.pads[0],
+                         geom.pads[1], geom.in_h, geom.in_w)
 
 
 def linear_module(op: LinearOp, isa, batch: int | str = "n", residual: bool = False):

@@ -88,9 +88,9 @@ class ActQuant:
         return np.minimum(lo, hi), np.maximum(lo, hi)
 
     def value_range(self) -> tuple[int, int]:
-        """Range of the integers ``v = (q - zp) << k`` over all channels."""
+        """Range of the integers ``v = (q - zp) << k`` over all channels, and 0 (the padding)."""
         lo, hi = self.channel_ranges()
-        return int(lo.min()), int(hi.max())
+        return min(int(lo.min()), 0), max(int(hi.max()), 0)
 
     def digits(self) -> tuple[int, int]:
         """(number of signed int8 digits D, offset c) of the activation integers (see
@@ -102,6 +102,33 @@ class ActQuant:
         0..255, ``c = vmin`` (for instructions whose activation operand is unsigned)."""
         vmin, vmax = self.value_range()
         return (1 if vmax - vmin <= 255 else 2), vmin
+
+    def segments(self, unsigned: bool) -> Segments | None:
+        """The exponent classes (see :class:`Segments`) with one digit each (``unsigned``: uint8
+        digits ``0..255``; else int8), or None when a class's codes span more than 256 values or
+        there is only one class (nothing to gain)."""
+        if not self.integer:
+            return None
+        sh = self.shift.astype(np.int64)
+        lo_c = self.qmin.astype(np.int64) - self.zero_point
+        hi_c = self.qmax.astype(np.int64) - self.zero_point
+        classes = sorted(set(sh.tolist()), reverse=True)
+        if len(classes) < 2:
+            return None
+        chans, offs = [], []
+        for e in classes:
+            idx = np.nonzero(sh == e)[0]
+            lo = min(int(lo_c[idx].min()), 0)
+            hi = max(int(hi_c[idx].max()), 0)
+            if hi - lo > 255:
+                return None
+            if unsigned:
+                off = lo
+            else:
+                off = 0 if (lo >= -128 and hi <= 127) else lo + 128
+            chans.append(tuple(int(i) for i in idx))
+            offs.append(off)
+        return Segments(tuple(classes), tuple(chans), tuple(offs))
 
     def codes(self, x: np.ndarray, axis: int = 1) -> np.ndarray:
         """Reference integer codes q (int64) for float ``x`` with channels on ``axis``."""
@@ -121,6 +148,63 @@ class ActQuant:
         sh = self.shift if self.shift is not None else np.zeros_like(self.zero_point)
         ints = np.stack([self.zero_point, self.qmin, self.qmax, sh]).astype(np.int32)
         return self.scale.reshape(1, -1).astype(np.float32), np.ascontiguousarray(ints)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Input channels grouped by activation exponent, so that an 8-bit code needs one 8-bit digit.
+
+    On the pow2 grid ``v_c = (q_c - zp_c) << k_c`` needs up to 15 bits although each code has 8.
+    Grouping the channels by ``k`` (descending), the reduction becomes
+    ``sum_e 2^e sum_{c in e} q_w[o, c] (q_c - zp_c)``: each class is a dot product of the 8-bit codes
+    (stored as one digit ``d = q - zp - offset_e``), and the classes are combined Horner-style
+    (``acc = (acc << (k_e - k_next)) + dot_next``) in int32; the last class's ``2^k`` goes into the
+    output scale, the offsets into a per-row constant. Each class is padded to whole words, so the
+    reduction grows by at most 3 channels per class (:attr:`width`).
+    """
+
+    shifts: tuple[int, ...]              # exponent of each class, descending
+    chans: tuple[tuple[int, ...], ...]   # input channels of each class
+    offsets: tuple[int, ...]             # digit offset of each class
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(-(-len(c) // WORD_K) * WORD_K for c in self.chans)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        out, pos = [], 0
+        for sz in self.sizes:
+            out.append(pos)
+            pos += sz
+        return tuple(out)
+
+    @property
+    def width(self) -> int:
+        return sum(self.sizes)
+
+    def position(self, channels: int) -> np.ndarray:
+        """int64 [channels]: where each input channel sits on the segmented axis."""
+        pos = np.full(channels, -1, np.int64)
+        for st, ch in zip(self.starts, self.chans):
+            pos[list(ch)] = st + np.arange(len(ch))
+        return pos
+
+    def table(self) -> np.ndarray:
+        """int32 [2, width]: channel at each position (-1: padding) and the position's offset."""
+        chan = np.full(self.width, -1, np.int32)
+        off = np.zeros(self.width, np.int32)
+        for st, sz, ch, o in zip(self.starts, self.sizes, self.chans, self.offsets):
+            chan[st:st + len(ch)] = ch
+            off[st:st + sz] = o
+        return np.stack([chan, off]).astype(np.int32)
+
+    def channel_table(self, channels: int) -> np.ndarray:
+        """int32 [2, channels]: each channel's offset and position (for producers writing it)."""
+        off = np.zeros(channels, np.int32)
+        for ch, o in zip(self.chans, self.offsets):
+            off[list(ch)] = o
+        return np.stack([off, self.position(channels).astype(np.int32)]).astype(np.int32)
 
 
 # ===================================================================================== weights

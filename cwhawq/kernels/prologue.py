@@ -26,6 +26,15 @@ def te_act_value(x, c, fscale, itab):
     return (q.astype("int32") - itab[0, c]) << itab[3, c]
 
 
+def te_act_code(x, c, fscale, itab):
+    """TE expression of the code relative to the zero point, ``q - zp`` (segmented operands)."""
+    from tvm import te, tirx  # noqa: PLC0415
+
+    q = tirx.nearbyint(x / fscale[0, c]) + itab[0, c].astype("float32")
+    q = te.max(te.min(q, itab[2, c].astype("float32")), itab[1, c].astype("float32"))
+    return q.astype("int32") - itab[0, c]
+
+
 def te_act_fake(x, c, fscale, itab):
     """Dequantized value of x (float path)."""
     from tvm import te, tirx  # noqa: PLC0415
@@ -151,6 +160,16 @@ def dense_prologue_func(op: LinearOp, fmt: ActFormat, gpu: bool = False, expecte
             val = lambda i, kk: x[i, kk]  # noqa: E731
         a = te.compute((1, m, kp), lambda d, i, kk: tirx.if_then_else(
             kk < k, val(i, tirx.min(kk, k - 1)), tirx.const(0, "float32")), name="pro_a")
+    elif fmt.segments is not None:
+        seg = fmt.segments
+        st = te.placeholder((2, seg.width), "int32", name="seg")
+        extra = extra + [st]
+
+        def r_of(i, p):
+            c = st[0, p]
+            cc = tirx.max(c, 0)
+            return tirx.if_then_else(c >= 0, te_act_code(x[i, cc], cc, fs, it), tirx.const(0, "int32")) - st[1, p]
+        a = _digits((m, seg.width), r_of, fmt, "pro_a")
     else:
         off = fmt.offset
 
@@ -192,6 +211,18 @@ def conv_prologue_func(op: LinearOp, fmt: ActFormat, gpu: bool = False, expected
             val = xin
         a = te.compute((1,) + shape, lambda d, b, h, w, c: tirx.if_then_else(
             inside(h, w, c), val(b, h, w, c), tirx.const(0, "float32")), name="pro_a")
+    elif fmt.segments is not None:
+        seg = fmt.segments
+        st = te.placeholder((2, seg.width), "int32", name="seg")
+        extra = extra + [st]
+        shape = (n, geom.hp, geom.wp, seg.width)
+
+        def r_of(b, h, w, p):
+            c = st[0, p]
+            cc = tirx.max(c, 0)
+            v = te_act_code(xin(b, h, w, cc), cc, fs, it)
+            return tirx.if_then_else(tirx.all(inside(h, w, cc), c >= 0), v, tirx.const(0, "int32")) - st[1, p]
+        a = _digits(shape, r_of, fmt, "pro_a")
     else:
         off = fmt.offset
 

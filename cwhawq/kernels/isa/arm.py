@@ -24,7 +24,7 @@ class Sdot(Strategy):
         self.layout = RecordLayout("dot4", group.bits)
 
     def pack(self, kp):
-        return pack_records(self.g.codes, self.layout, kp)
+        return pack_records(self.kernel_codes(), self.layout, kp)
 
     def tile(self, expected_rows):
         return best_tile(self, expected_rows, lambda mt, nt: self.acc_regs * mt * nt + 4 * nt + mt + 1,
@@ -47,6 +47,12 @@ class Sdot(Strategy):
                         i = ((mi * t.ntc + nt) * nd + d) * 4 + q
                         self.acc_set(t, acc, i, 4, intrin(T, 
                             "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", self.acc_get(t, acc, i, 4), w, a[mi][d]))
+
+    def shift(self, t, bits):
+        T = t.T
+        for i in range(len(t.state["acc"])):
+            self.acc_set(t, t.state["acc"], i, 4, T.shift_left(self.acc_get(t, t.state["acc"], i, 4),
+                                                                 T.broadcast(T.int32(bits), 4)))
 
     def result(self, t, mi, nt):
         T = t.T
@@ -75,6 +81,10 @@ def _sdot(isa, op):
         return other
     nd, off = op.act.digits()
     fmt = ActFormat("s8", nd, off)
+    if nd > 1:
+        seg = op.act.segments(unsigned=False)
+        if seg is not None and seg.width <= 1.8 * op.channels:
+            fmt = ActFormat("s8", 1, 0, seg)
     return [Sdot(op, g, fmt) for g in op.groups]
 
 

@@ -161,7 +161,7 @@ class PortableInt(Strategy):
         self.layout = RecordLayout("dot4", group.bits)
 
     def pack(self, kp):
-        return pack_records(self.g.codes, self.layout, kp)
+        return pack_records(self.kernel_codes(), self.layout, kp)
 
     def tile(self, expected_rows):
         a = self.acc_regs

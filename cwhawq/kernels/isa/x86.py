@@ -41,7 +41,7 @@ class Avx2I16(Strategy):
         self.layout = RecordLayout("pairs", group.bits)
 
     def pack(self, kp):
-        return pack_records(self.g.codes, self.layout, kp)
+        return pack_records(self.kernel_codes(), self.layout, kp)
 
     def tile(self, expected_rows):
         return best_tile(self, expected_rows, lambda mt, nt: 2 * mt * nt + 2 * nt + 1,
@@ -69,10 +69,34 @@ class Avx2I16(Strategy):
 
 
 # ===================================================================================== AVX2 u8
-def u8_flush_words(group) -> int:
-    """Words of ``vpmaddubsw`` pairs (each at most 2 * 255 * max|q|) an int16 sum can hold."""
+def act_span(op, fmt: ActFormat) -> int:
+    """Largest stored activation digit of a one-digit unsigned operand (``max v - offset``)."""
+    act = op.act
+    seg = fmt.segments
+    if seg is None:
+        vmin, vmax = act.value_range()
+        return vmax - fmt.offset
+    hi = (act.qmax.astype(int) - act.zero_point.astype(int))
+    return max(max(int(hi[list(ch)].max()), 0) - off for ch, off in zip(seg.chans, seg.offsets))
+
+
+def u8_flush_words(op, group, fmt: ActFormat) -> int:
+    """Words of ``vpmaddubsw`` pairs (each at most 2 * span * max|q| in magnitude) an int16 sum
+    can hold without saturating; 0 when a single pair could saturate."""
     qa = max(1, code_abs_max(group))
-    return max(1, 32767 // (2 * 255 * qa))
+    return 32767 // (2 * max(1, act_span(op, fmt)) * qa)
+
+
+def one_digit_unsigned(op, max_growth: float):
+    """The uint8 one-digit format of ``op``'s activations (plain, or segmented by exponent when the
+    padded classes grow the reduction by at most ``max_growth``), or None."""
+    nd, off = op.act.unsigned_digits()
+    if nd == 1:
+        return ActFormat("u8", 1, off)
+    seg = op.act.segments(unsigned=True)
+    if seg is not None and seg.width <= max_growth * op.channels:
+        return ActFormat("u8", 1, 0, seg)
+    return None
 
 
 class Avx2U8(Strategy):
@@ -83,10 +107,10 @@ class Avx2U8(Strategy):
         super().__init__(op, group)
         self.fmt = fmt
         self.layout = RecordLayout("dot4", group.bits)
-        self.flush_every = u8_flush_words(group)
+        self.flush_every = u8_flush_words(op, group, fmt)
 
     def pack(self, kp):
-        return pack_records(self.g.codes, self.layout, kp)
+        return pack_records(self.kernel_codes(), self.layout, kp)
 
     def tile(self, expected_rows):
         return best_tile(self, expected_rows, lambda mt, nt: 3 * mt * nt + 2 * nt + mt + 1,
@@ -118,6 +142,12 @@ class Avx2U8(Strategy):
             self.acc_add(t, a32, i, 8, intrin(T, "int32x8", "llvm.x86.avx2.pmadd.wd", v, ones))
             self.acc_set(t, a16, i, 16, T.broadcast(T.int16(0), 16))
 
+    def shift(self, t, bits):
+        T = t.T
+        for i, b in enumerate(t.state["a32"]):
+            self.acc_set(t, t.state["a32"], i, 8, T.shift_left(self.acc_get(t, t.state["a32"], i, 8),
+                                                                 T.broadcast(T.int32(bits), 8)))
+
     def result(self, t, mi, nt):
         return self.acc_cat(t, t.state["a32"], (mi * t.ntc + nt) * 2, 2, 8)
 
@@ -136,7 +166,7 @@ class Vnni(Strategy):
         self.intrin = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
 
     def pack(self, kp):
-        return pack_records(self.g.codes, self.layout, kp)
+        return pack_records(self.kernel_codes(), self.layout, kp)
 
     def tile(self, expected_rows):
         h = 16 // self.lanes
@@ -161,6 +191,12 @@ class Vnni(Strategy):
                         i = ((mi * t.ntc + nt) * nd + d) * h + hh
                         self.acc_set(t, acc, i, ln, intrin(T, 
                             f"int32x{ln}", self.intrin, self.acc_get(t, acc, i, ln), a[mi][d], w))
+
+    def shift(self, t, bits):
+        T, ln = t.T, self.lanes
+        for i in range(len(t.state["acc"])):
+            self.acc_set(t, t.state["acc"], i, ln, T.shift_left(self.acc_get(t, t.state["acc"], i, ln),
+                                                                  T.broadcast(T.int32(bits), ln)))
 
     def result(self, t, mi, nt):
         T = t.T
@@ -187,7 +223,7 @@ class Avx512I16(Strategy):
         self.layout = RecordLayout("quads", group.bits)
 
     def pack(self, kp):
-        return pack_records(self.g.codes, self.layout, kp)
+        return pack_records(self.kernel_codes(), self.layout, kp)
 
     def tile(self, expected_rows):
         return best_tile(self, expected_rows, lambda mt, nt: 2 * mt * nt + mt + 2,
@@ -227,9 +263,8 @@ def _float_or_fp32(op, regs, bits):
 def _avx2(isa, op):
     if op.mode != "int":
         return _float_or_fp32(op, 16, 256)
-    nd, off = op.act.unsigned_digits()
-    if nd == 1 and all(g.bits <= 4 for g in op.groups):
-        fmt = ActFormat("u8", 1, off)
+    fmt = one_digit_unsigned(op, 1.5)
+    if fmt is not None and all(u8_flush_words(op, g, fmt) >= 1 for g in op.groups):
         return [Avx2U8(op, g, fmt) for g in op.groups]
     return [Avx2I16(op, g) for g in op.groups]
 
@@ -244,8 +279,10 @@ def _vnni(lanes):
     def make(isa, op):
         if op.mode != "int":
             return _float_or_fp32(op, 32 if lanes == 16 else 16, 512 if lanes == 16 else 256)
-        nd, off = op.act.unsigned_digits()
-        fmt = ActFormat("u8", nd, off)
+        fmt = one_digit_unsigned(op, 1.8)
+        if fmt is None:
+            nd, off = op.act.unsigned_digits()
+            fmt = ActFormat("u8", nd, off)
         return [Vnni(op, g, fmt, lanes) for g in op.groups]
     return make
 
