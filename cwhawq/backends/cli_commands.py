@@ -32,6 +32,8 @@ def compile_text(res) -> str:
                 if s["act"]["integer"] and kern.get("act") in ("i16", "u8", "s8"):
                     nd = kern.get("digits") or 1
                     act = f" act {kern['act']}" + (f" x{nd} digits" if nd > 1 else "")
+                    if kern.get("exponent_classes"):
+                        act += f" ({kern['exponent_classes']} exponent classes)"
                 elif s["act"]["integer"]:
                     act = " act int (float kernel)"
                 else:

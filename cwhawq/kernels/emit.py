@@ -51,8 +51,9 @@ def describe(op: LinearOp, isa) -> dict:
     if op.geom is not None and op.geom.depthwise:
         return {"kernel": "depthwise", "act": "f32"}
     ss = isa.strategies(op)
+    seg = ss[0].fmt.segments
     return {"kernel": sorted({type(s).__name__ for s in ss}), "act": ss[0].fmt.kind,
-            "digits": ss[0].fmt.digits}
+            "digits": ss[0].fmt.digits, "exponent_classes": len(seg.shifts) if seg is not None else None}
 
 
 def _outputs(bb, call, n_out: int):
