@@ -158,8 +158,7 @@ def apply_cpu_schedules(fallbacks: list | None = None):
                 continue
             if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
                 continue
-            tgt = func.attrs.get("target") if func.attrs is not None and "target" in func.attrs else None
-            tgt = tgt or Target.current(allow_none=False)
+            tgt = (func.attrs.get("target") if func.attrs is not None else None) or Target.current(allow_none=False)
             sch = schedule_func(func, tgt, fallbacks=fallbacks, name=gv.name_hint)
             if sch is not None:
                 updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
