@@ -135,6 +135,14 @@ class QModel(nn.Module):
         return [i.name for i in self.layer_infos]
 
 
+def _layer_name(param: str) -> str:
+    """``layer1.0.conv1.weight`` -> ``layer1.0.conv1``; ``attn.in_proj_weight`` -> ``attn.in_proj``."""
+    for suffix in (".weight", "_weight"):
+        if param.endswith(suffix) and len(param) > len(suffix):
+            return param[:-len(suffix)]
+    return param
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")
 
@@ -167,8 +175,10 @@ def _export(module: nn.Module, input_shape) -> fx.GraphModule:
     return ep.module()
 
 
-def canonicalize(module: nn.Module, input_shape, exported=None, fold_bn: bool = True) -> QModel:
-    """Export (if needed), fold BN and replace quantizable ops by QLayers. Raises ModelError if none."""
+def canonicalize(module: nn.Module, input_shape, exported=None, fold_bn: bool = True,
+                 check: bool = True) -> QModel:
+    """Export (if needed), fold BN and replace quantizable ops by QLayers. Raises ModelError if none,
+    and (``check``) for layers quantization cannot handle yet (:func:`check_supported_layers`)."""
     if exported is not None:
         gm = copy.deepcopy(exported.module())
     elif isinstance(module, fx.GraphModule):
@@ -190,7 +200,7 @@ def canonicalize(module: nn.Module, input_shape, exported=None, fold_bn: bool = 
         weight = _attr(gm, args[1])
         if weight is None or not isinstance(args[1], fx.Node):
             continue
-        name = args[1].target[:-len(".weight")] if args[1].target.endswith(".weight") else args[1].target
+        name = _layer_name(args[1].target)
         bias = _attr(gm, args[2]) if args[2] is not None else None
         if args[2] is not None and bias is None:
             continue  # a computed bias: leave the op alone
@@ -257,7 +267,26 @@ def canonicalize(module: nn.Module, input_shape, exported=None, fold_bn: bool = 
         if not pname.startswith("qlayers.") and pname not in used:
             _delattr(gm, pname)
     infos = _layer_infos(gm, names, input_shape)
+    if check:
+        check_supported_layers(infos)
     return QModel(gm, infos, input_shape)
+
+
+def check_supported_layers(infos: list[LayerInfo]) -> None:
+    """Refuse, in one line naming the first such layer, what quantization, analysis and export cannot
+    handle yet: a Linear whose input is not ``[batch, features]`` (e.g. ``[batch, tokens, features]``
+    in a transformer; its channels would be the last axis, everything here assumes axis 1), or a
+    layer the example input never reached."""
+    bad = [i for i in infos if i.kind == "linear" and i.in_shape and len(i.in_shape) != 1]
+    if bad:
+        i = bad[0]
+        more = f" ({len(bad) - 1} more such layer(s))" if len(bad) > 1 else ""
+        raise ModelError(f"layer {i.name}: Linear on {len(i.in_shape) + 1}-D inputs (e.g. transformer tokens) is not "
+                         f"supported yet, only [batch, features] Linear layers{more}")
+    unrun = [i for i in infos if not i.in_shape]
+    if unrun:
+        raise ModelError(f"layer {unrun[0].name}: not reached by the model's forward pass on an example input, "
+                         f"so its shapes are unknown")
 
 
 def _delattr(root: nn.Module, dotted: str) -> None:
@@ -306,6 +335,7 @@ def _layer_infos(gm: fx.GraphModule, names: list[str], input_shape) -> list[Laye
     return infos
 
 
-def qmodel_from_loaded(loaded) -> QModel:
-    """Canonical QModel of a :class:`cwhawq.models.LoadedModel`."""
-    return canonicalize(loaded.module, loaded.input_shape, exported=loaded.exported)
+def qmodel_from_loaded(loaded, check: bool = True) -> QModel:
+    """Canonical QModel of a :class:`cwhawq.models.LoadedModel` (``check=False``: also models whose
+    layers cannot be quantized yet, for float-only uses such as the fp32 export)."""
+    return canonicalize(loaded.module, loaded.input_shape, exported=loaded.exported, check=check)

@@ -36,6 +36,7 @@ n_c = H*W.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 
 from . import quantizers as Q
 from .data import Dataset
-from .errors import CwhawqError, DataError
+from .errors import CwhawqError, DataError, ModelError
 from .graph import QModel
 
 SCHEMES = ("exact", "ggn", "network", "layer", "interleave", "channel")
@@ -106,6 +107,34 @@ def parse_scheme(s: str) -> tuple[str, int]:
     return name, 0
 
 
+_NO_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented")
+
+
+def _no_second_derivative(qm: QModel, exc: RuntimeError) -> ModelError | None:
+    """PyTorch's "derivative for aten::X_backward is not implemented" (an operator without a
+    second derivative, e.g. the CPU flash attention kernel behind scaled_dot_product_attention)
+    as a one-line ModelError naming the operator and the graph node that calls it; None for
+    any other error."""
+    m = _NO_DERIVATIVE.search(str(exc))
+    if m is None:
+        return None
+    op = m.group(1)
+    fwd = op.split("::")[-1]
+    fwd = fwd[:-len("_backward")] if fwd.endswith("_backward") else fwd
+    words = set(fwd.strip("_").split("_"))
+    nodes = []
+    for node in qm.gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        base = str(node.target).split(".")[1] if str(node.target).startswith("aten.") else str(node.target)
+        if base.strip("_") and set(base.strip("_").split("_")) <= words:
+            nodes.append(f"{node.name} ({node.target})")
+    where = f" used by graph node {nodes[0]}" if nodes else ""
+    more = f" and {len(nodes) - 1} more" if len(nodes) > 1 else ""
+    return ModelError(f"{op} has no derivative in PyTorch, so the Hessian (a second derivative) cannot be "
+                      f"computed through aten.{fwd}{where}{more}; models with this operator cannot be analyzed yet")
+
+
 class _Welford:
     def __init__(self, shape):
         self.n = 0
@@ -138,6 +167,7 @@ class _BatchGraph:
     """First-order graph of one batch: loss, leaves (weights + activation probes) and their grads."""
 
     def __init__(self, qm: QModel, x: torch.Tensor, y: torch.Tensor):
+        self.qm = qm
         eps: dict[str, torch.Tensor] = {}
         acts: dict[str, torch.Tensor] = {}
 
@@ -182,8 +212,14 @@ class _BatchGraph:
 
     def hvp(self, idx: list[int], vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """(H v) restricted to leaves ``idx`` for a probe v supported on those leaves."""
-        gv = sum((self.grads[i] * v).sum() for i, v in zip(idx, vs))
-        return torch.autograd.grad(gv, [self.leaves[i] for i in idx], retain_graph=True)
+        try:
+            gv = sum((self.grads[i] * v).sum() for i, v in zip(idx, vs))
+            return torch.autograd.grad(gv, [self.leaves[i] for i in idx], retain_graph=True)
+        except RuntimeError as exc:
+            err = _no_second_derivative(self.qm, exc)
+            if err is None:
+                raise
+            raise err from None
 
     def a_half(self) -> torch.Tensor:
         """(A/N)^(1/2) per sample [N, C, C]."""

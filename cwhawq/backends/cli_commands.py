@@ -53,6 +53,10 @@ def compile_text(res) -> str:
         lines += [f"  {f['node']} ({f['op']}): {f['reason']}" for f in fb]
     elif not fp32:
         lines.append("nothing fell back to fp32")
+    sf = rep.get("schedule_fallbacks") or []
+    if sf:
+        lines.append("CPU schedule rules that could not apply (the operator went to the next rule):")
+        lines += [f"  {f['function']}: {f['rule']}: {f['error']}" for f in sf]
     return "\n".join(lines)
 
 

@@ -11,13 +11,24 @@ Inputs are raw float32 (C order) with their shapes; outputs are written as raw f
 ``OUT.bin`` (``OUT.bin.1``, ... for further outputs) and their shapes printed as JSON, followed by
 the median milliseconds per call when ``--repeat`` is given. :func:`build_runner` compiles it (also
 with a cross compiler, e.g. for qemu-user checks of aarch64 artifacts).
+
+:func:`fetch_runtime_libs` provides a board's runtime libraries: it downloads the registry's wheels
+of the installed (pinned) ``apache-tvm`` and ``apache-tvm-ffi`` for the board's platform and
+unpacks their runtime ``.so`` files into :func:`runtime_dir` (``make install`` does this for
+aarch64, so the qemu-user test runs on every machine).
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
+
+from ..errors import CwhawqError
 
 RUNNER_CC = r"""
 // cwhawq_run: load a cwhawq/TVM artifact (Relax VM executable) and run its "main" function.
@@ -208,3 +219,109 @@ def build_runner(out: str | Path, runtime_lib_dirs: list[str] | None = None, cxx
         cmd += [f"-Wl,-rpath,{d.resolve()}" for d in dirs] + ["-Wl,-rpath,$ORIGIN", "-Wl,--allow-shlib-undefined"]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
+
+
+# ===================================================================================== board runtimes
+#: runtime libraries unpacked from the wheels (``libtvm_compiler.so`` is not needed to run artifacts)
+RUNTIME_LIBS = {"tvm/lib/": ("libtvm_runtime.so", "libtvm_runtime_extra.so", "libtvm_runtime_cuda.so"),
+                "tvm_ffi/lib/": ("libtvm_ffi.so",)}
+REQUIRED_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
+#: the platform tag of the aarch64 wheels (0.27.0.post1 and 0.1.14.post1 exist only as manylinux_2_28)
+PLATFORMS = {"aarch64": "manylinux_2_28_aarch64"}
+_ELF_MACHINE = {"aarch64": 183, "x86_64": 62}
+STAMP = "versions.json"
+
+
+class RuntimeFetchError(CwhawqError):
+    """The runtime libraries of a board could not be provided."""
+
+
+def pinned_versions() -> dict:
+    """Versions of the installed apache-tvm and apache-tvm-ffi (the ones pyproject.toml pins):
+    an artifact must run on the runtime of the TVM that compiled it."""
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return {"apache-tvm": version("apache-tvm"), "apache-tvm-ffi": version("apache-tvm-ffi")}
+    except PackageNotFoundError as exc:
+        raise RuntimeFetchError(f"{exc.name} is not installed (pip install -e '.[tvm]')") from None
+
+
+def runtime_dir(arch: str = "aarch64") -> Path:
+    """Where the runtime libraries of ``arch`` live: ``$CWHAWQ_AARCH64_TVM_RUNTIME`` for aarch64, else
+    ``$XDG_CACHE_HOME/cwhawq/<arch>-runtime`` (default ``~/.cache/cwhawq/<arch>-runtime``)."""
+    env = os.environ.get(f"CWHAWQ_{arch.upper()}_TVM_RUNTIME")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "cwhawq" / f"{arch}-runtime"
+
+
+def runtime_ready(dest: str | Path, arch: str = "aarch64") -> bool:
+    """True when ``dest`` holds the required libraries unpacked from the installed TVM versions."""
+    dest = Path(dest)
+    try:
+        stamp = json.loads((dest / STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    want = dict(pinned_versions(), platform=PLATFORMS.get(arch, arch))
+    return stamp == want and all((dest / lib).is_file() for lib in REQUIRED_LIBS)
+
+
+def _elf_machine(path: Path) -> int | None:
+    head = path.read_bytes()[:20]
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+def fetch_runtime_libs(arch: str = "aarch64", dest: str | Path | None = None, force: bool = False,
+                       log=None) -> Path:
+    """Download the ``arch`` wheels of the installed apache-tvm and apache-tvm-ffi from the package
+    index (``pip download --platform ... --only-binary=:all: --no-deps``) and unpack their runtime
+    libraries into ``dest`` (default :func:`runtime_dir`). Idempotent: nothing is downloaded when
+    ``dest`` already holds the libraries of these versions. The directory is replaced atomically."""
+    if arch not in PLATFORMS:
+        raise RuntimeFetchError(f"no wheel platform known for {arch!r} (known: {', '.join(PLATFORMS)})")
+    dest = Path(dest) if dest is not None else runtime_dir(arch)
+    versions = pinned_versions()
+    if not force and runtime_ready(dest, arch):
+        if log:
+            log(f"{arch} TVM runtime libraries already in {dest}")
+        return dest
+    platform = PLATFORMS[arch]
+    reqs = [f"{name}=={v}" for name, v in versions.items()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".cwhawq-wheels-", dir=dest.parent) as tmp:
+        tmp = Path(tmp)
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+               "--only-binary=:all:", "--platform", platform, "-d", str(tmp / "wheels"), *reqs]
+        if log:
+            log(f"downloading the {platform} wheels of {', '.join(reqs)}")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            err = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip().startswith("ERROR")]
+            raise RuntimeFetchError(f"pip download of the {platform} wheels ({', '.join(reqs)}) failed: "
+                                    f"{err[0] if err else (r.stderr.strip().splitlines() or ['?'])[-1]}")
+        stage = tmp / "libs"
+        stage.mkdir()
+        for whl in sorted((tmp / "wheels").glob("*.whl")):
+            with zipfile.ZipFile(whl) as zf:
+                for member in zf.namelist():
+                    folder, _, base = member.rpartition("/")
+                    if base in RUNTIME_LIBS.get(folder + "/", ()):
+                        (stage / base).write_bytes(zf.read(member))
+        missing = [lib for lib in REQUIRED_LIBS if not (stage / lib).is_file()]
+        if missing:
+            raise RuntimeFetchError(f"the {platform} wheels of {', '.join(reqs)} hold no {', '.join(missing)}")
+        for lib in stage.iterdir():
+            if _elf_machine(lib) != _ELF_MACHINE[arch]:
+                raise RuntimeFetchError(f"{lib.name} from the {platform} wheel is not an {arch} library")
+        (stage / STAMP).write_text(json.dumps(dict(versions, platform=platform), indent=2) + "\n")
+        old = tmp / "old"
+        if dest.exists():
+            dest.rename(old)
+        stage.rename(dest)
+    if log:
+        log(f"{arch} TVM runtime libraries ({', '.join(sorted(p.name for p in dest.glob('*.so')))}) in {dest}")
+    return dest

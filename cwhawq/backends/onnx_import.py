@@ -10,6 +10,9 @@ Input models (see docs/onnx-format.md):
   tensor, any zero point), int8 weights through ``DequantizeLinear``, biases through int32 DQ;
 * plain fp32 models.
 
+Graph inputs that are also initializers (the older ONNX convention) are constants, not inputs of
+the artifact (:func:`_initializer_inputs_as_constants`).
+
 Every ``Conv`` (2-D, groups 1 or depthwise), ``Gemm`` and ``MatMul`` whose weights are constant
 (directly or through ``DequantizeLinear``/``Concat`` of constants) becomes one node
 ``cwhawq.CwhawqLayer`` that absorbs its activation quantizer (Max/Min/Q/DQ), weight dequantizers,
@@ -786,12 +789,29 @@ def _unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def _initializer_inputs_as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the graph inputs that are also initializers.
+
+    Older exporters (ONNX IR < 4, many model-zoo CNNs, ``torch.onnx.export(...,
+    keep_initializers_as_inputs=True)``) list every initializer among the graph inputs; onnxruntime
+    treats them as constants whose value a caller may override. The compiled artifact takes them
+    as constants: its inputs are the real ones only, and the lowering may fold and drop them.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    if not any(v.name in inits for v in model.graph.input):
+        return model
+    m = copy.deepcopy(model)
+    keep = [v for v in m.graph.input if v.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(keep)
+    return m
+
+
 def analyze(model: onnx.ModelProto, kernels: bool = True, fp32_kernels: bool = True) -> ImportResult:
     """Find and pack the lowerable layers and rewrite the graph (see the module docstring)."""
-    model = _unique_node_names(model)
+    model = _initializer_inputs_as_constants(_unique_node_names(model))
     meta = {p.key: p.value for p in model.metadata_props}
-    inits = {t.name for t in model.graph.initializer}
-    graph_inputs = [v for v in model.graph.input if v.name not in inits]
+    graph_inputs = list(model.graph.input)
     if kernels:
         low = _Lowerer(model, fp32_kernels)
         low.run()

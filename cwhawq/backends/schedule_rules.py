@@ -11,6 +11,13 @@ kernels are disabled):
   and its innermost spatial loop vectorized when it is a static power-of-two multiple;
 * dlight's CPU ``Reduction`` rule (softmax/norm shapes) is tried first.
 
+A rule that cannot schedule an operator must never fail the build: :func:`apply_cpu_schedules`
+tries the rules in order and a rule that raises (e.g. dlight's ``Reduction`` on a function whose
+reduction blocks also write function outputs, such as ``batch_norm`` in training mode: its
+``compute_at`` of an output block is a ``ScheduleError``) counts as not applying, so the next rule
+gets the operator; when none applies the operator stays unscheduled (serial loops, correct).
+Each such fallback is recorded (function, rule, first line of the error) for the compile report.
+
 Small operators (under ``PARALLEL_MIN`` elements) stay single-threaded: a fork/join of TVM's
 thread pool costs more than they do.
 """
@@ -111,6 +118,52 @@ def cpu_rules() -> list[ScheduleRule]:
     return [CpuInjective(), dl.cpu.Reduction(), CpuFallback()]
 
 
-def apply_cpu_schedules():
-    """The module pass scheduling every unscheduled PrimFunc for CPU."""
-    return dl.ApplyDefaultSchedule(*cpu_rules())
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def schedule_func(func, target, rules=None, fallbacks: list | None = None, name: str = ""):
+    """The first schedule one of ``rules`` (default :func:`cpu_rules`) gives ``func``, or None.
+    A rule that raises is skipped (recorded in ``fallbacks``): rules only optimise, and the
+    unscheduled function is correct."""
+    for rule in (cpu_rules() if rules is None else rules):
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception as exc:  # noqa: BLE001 - any failure of an optimisation means "does not apply"
+            if fallbacks is not None:
+                fallbacks.append({"function": name, "rule": type(rule).__name__, "error": _first_line(exc)})
+            continue
+        if sch is None:
+            continue
+        if isinstance(sch, (list, tuple)):
+            if not sch:
+                continue
+            sch = sch[0]
+        return sch
+    return None
+
+
+def apply_cpu_schedules(fallbacks: list | None = None):
+    """The module pass scheduling every unscheduled PrimFunc for CPU (see the module docstring);
+    rules that raise are recorded in ``fallbacks``."""
+    import tvm  # noqa: PLC0415
+    from tvm.target import Target  # noqa: PLC0415
+
+    @tvm.transform.module_pass(opt_level=0, name="CwhawqApplyCpuSchedules")
+    def _apply(mod, _ctx):
+        updated = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+                continue
+            tgt = (func.attrs.get("target") if func.attrs is not None else None) or Target.current(allow_none=False)
+            sch = schedule_func(func, tgt, fallbacks=fallbacks, name=gv.name_hint)
+            if sch is not None:
+                updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        for gv, func in updated.items():
+            mod[gv] = func
+        return mod
+
+    return _apply

@@ -62,10 +62,12 @@ def _artifact_format(out: Path) -> str:
 
 
 # ===================================================================================== build
-def cpu_pipeline(target, database_dir: str | None = None, tune_trials: int = 0, log=None):
+def cpu_pipeline(target, database_dir: str | None = None, tune_trials: int = 0, log=None,
+                 schedule_fallbacks: list | None = None):
     """Relax CPU pipeline: TVM's default passes plus schedules for every unscheduled operator;
     with ``database_dir``, MetaSchedule records (tuned first when ``tune_trials`` > 0) override
-    our rules for the operators they cover."""
+    our rules for the operators they cover. Schedule rules that could not apply to an operator
+    are appended to ``schedule_fallbacks``."""
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
@@ -80,7 +82,7 @@ def cpu_pipeline(target, database_dir: str | None = None, tune_trials: int = 0, 
                 if tune_trials > 0:
                     passes.append(_tune_pass(target, database_dir, tune_trials, log))
                 passes.append(relax.transform.MetaScheduleApplyDatabase(database_dir))
-            passes.append(apply_cpu_schedules())
+            passes.append(apply_cpu_schedules(schedule_fallbacks))
             passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
             return tvm.transform.Sequential(passes)(mod)
 
@@ -130,8 +132,10 @@ def _tune_pass(target, work_dir: str, trials: int, log=None):
     return _tune
 
 
-def build(mod, ts: TargetSpec, tune_trials: int = 0, log=None):
-    """Compile a Relax IRModule for the target; returns the VM executable.
+def build(mod, ts: TargetSpec, tune_trials: int = 0, log=None, schedule_fallbacks: list | None = None):
+    """Compile a Relax IRModule for the target; returns the VM executable. CPU schedule rules that
+    could not apply (the operator went to the next rule or stayed unscheduled) are appended to
+    ``schedule_fallbacks``.
 
     With ``tune_trials`` > 0 the operators outside our kernels are tuned (those already in the
     target's database are reused) and the database is applied; tuning measures on this machine,
@@ -164,7 +168,8 @@ def build(mod, ts: TargetSpec, tune_trials: int = 0, log=None):
                     pre.append(relax.transform.MetaScheduleApplyDatabase(use_db))
                     pipeline = tvm.transform.Sequential(pre + [pipeline])
                 return tvm.compile(mod, target=target, relax_pipeline=pipeline)
-        return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, use_db, tune_trials, log))
+        return tvm.compile(mod, target=target,
+                           relax_pipeline=cpu_pipeline(target, use_db, tune_trials, log, schedule_fallbacks))
     except CwhawqError:
         raise
     except Exception as exc:  # noqa: BLE001 - TVM build errors
@@ -246,8 +251,10 @@ def compile_model(onnx_path: str | Path, target: str = "llvm", out: str | Path |
             f"'{isa}' kernels, which are slow (known: {', '.join(n for n in _isa_names() if n != isa)})")
     result = onnx_import.analyze(model, kernels=kernels)
     mod = onnx_import.to_relax(result, isa, batch)
-    ex = build(mod, ts, tune_trials, log)
+    sched_fallbacks: list[dict] = []
+    ex = build(mod, ts, tune_trials, log, sched_fallbacks)
     report = result.report(isa if kernels else None)
+    report["schedule_fallbacks"] = sched_fallbacks
     outputs = result.outputs
     rio = _relax_io(mod)
     if rio is not None and len(rio) == len(outputs):
