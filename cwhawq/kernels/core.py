@@ -770,8 +770,8 @@ def _quantize(T, tirx, fo: FusedOut, tabs, v, ch, lanes: int, along: str):
     q = tirx.max(tirx.min(q, T.Cast(fl, tab(fi, 2, "int32"))), T.Cast(fl, tab(fi, 1, "int32")))
     if fo.fmt.kind == "f32":
         return [(q - T.Cast(fl, zp)) * sc]
-    if fo.fmt.segments is not None:  # code relative to zp, minus the class offset (lanes == 1)
-        r = T.Bind(T.Cast(il, q) - zp - tabs[2][c64(0), ch])
+    if fo.fmt.segments is not None:  # code relative to zp, minus the class offset
+        r = T.Bind(T.Cast(il, q) - zp - tab(tabs[2], 0, "int32"))
         return [digit_expr(T, r, d, fo.fmt, lanes) for d in range(fo.fmt.digits)]
     r = T.shift_left(T.Cast(il, q) - zp, tab(fi, 3, "int32"))
     if fo.fmt.offset:
@@ -785,19 +785,18 @@ def put_fused(T, tirx, fused, v, row, ch, lanes: int) -> None:
     """Quantize final values ``v`` (``lanes`` channels from ``ch`` of output row ``row``) into every
     fused output ``(FusedOut, tables, buffer)``; a segmented operand is written channel by channel
     (its channels are permuted by class)."""
-    tmp = None
     for fo, tabs, buf in fused:
         if fo.fmt.segments is None or lanes == 1:
             for d, val in enumerate(_quantize(T, tirx, fo, tabs, v, ch, lanes, "c")):
                 T.buffer_store(buf, val, _fused_index(T, fo, d, row, ch, lanes, tabs))
             continue
-        if tmp is None:
-            tmp = T.alloc_buffer((lanes,), "float32", scope="global")
-            T.buffer_store(tmp, v, [T.ramp(0, 1, lanes)])
-        for ln in range(lanes):
-            c = ch + c64(ln)
-            for d, val in enumerate(_quantize(T, tirx, fo, tabs, tmp[ln], c, 1, "c")):
-                T.buffer_store(buf, val, _fused_index(T, fo, d, row, c, 1, tabs))
+        # quantize the whole vector, then put each lane at its channel's position
+        for d, val in enumerate(_quantize(T, tirx, fo, tabs, v, ch, lanes, "c")):
+            dig = T.alloc_buffer((lanes,), fo.fmt.dtype, scope="global")
+            T.buffer_store(dig, val, [T.ramp(0, 1, lanes)])
+            for ln in range(lanes):
+                c = ch + c64(ln)
+                T.buffer_store(buf, dig[ln], _fused_index(T, fo, d, row, c, 1, tabs))
 
 
 def declare_fused(T, fused, nbatch, m=None):

@@ -263,7 +263,7 @@ def _float_or_fp32(op, regs, bits):
 def _avx2(isa, op):
     if op.mode != "int":
         return _float_or_fp32(op, 16, 256)
-    fmt = one_digit_unsigned(op, 1.5)
+    fmt = one_digit_unsigned(op, 1.25)
     if fmt is not None and all(u8_flush_words(op, g, fmt) >= 1 for g in op.groups):
         return [Avx2U8(op, g, fmt) for g in op.groups]
     return [Avx2I16(op, g) for g in op.groups]
