@@ -34,7 +34,7 @@ from . import __version__
 class DemoConfig:
     out: str = "demo_out"
     model: str = "zoo:resnet20-fmnist"
-    data: str = "fashion-mnist"
+    data: str | None = None          # None: the zoo model's own dataset (required for a .pt2)
     data_dir: str | None = None
     budget: str = "bits:3"
     episodes: int = 200
@@ -85,10 +85,14 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from .plan import parse_budget
     from .quantize import Quantizer
 
+    from .checks import check_outputs, data_file, model_identity, require_data
+
     out = Path(cfg.out)
+    budget = parse_budget(cfg.budget)
+    check_outputs([("--out", out)], [("--data", data_file(cfg.data))], directory=True)
+    cfg.data = require_data(cfg.model, cfg.data, "run the demo on")
     (out / "plans").mkdir(parents=True, exist_ok=True)
     log = Log(echo)
-    budget = parse_budget(cfg.budget)
     test_limit = cfg.test_limit or (QUICK_TEST_IMAGES if cfg.quick else None)
     episodes = min(cfg.episodes, QUICK_EPISODES) if cfg.quick else cfg.episodes
 
@@ -107,6 +111,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     log.stage("channel-wise Hessian analysis")
     sens_batch = 64 if cfg.quick else 128
     sens = analyze(qm, train, model_name=cfg.model, batch_size=sens_batch)
+    sens["model_sha256"] = model_identity(loaded)[1]
     write_json(out / "sens.json", sens, indent=None)
     plot_sensitivity(sens, out / "sens.png")
     log.stage(f"  {len(sens['layers'])} layers, scheme {sens['scheme']}, {sens['seconds']:.1f} s")
@@ -120,7 +125,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                       ("hawq-v3", ("hawq-v3", "--sens", out / "sens.json", "--budget", cfg.budget)),
                       ("cw-greedy", ("cw-greedy", "--sens", out / "sens.json", "--budget", cfg.budget))):
         fname = out / "plans" / (key.replace(" ", "_").lower() + ".json")
-        plans[key].model = cfg.model
+        plans[key].model, plans[key].model_sha256 = model_identity(loaded)
         plans[key].save(fname)
         log.cmd(f"plan {key}", "plan", argv[0], cfg.model, *argv[1:], "--out", fname)
 
