@@ -121,7 +121,7 @@ def check_outputs(outputs, inputs=(), directory: bool = False) -> None:
             raise CwhawqError(f"{label} {p}: cannot write in {anc} ({e.strerror})") from None
         for in_label, q in ins:
             if _same_file(p, q):
-                raise CwhawqError(f"{label} {p} is also the {in_label} input: choose another output "
+                raise CwhawqError(f"{label} {p} is also an input ({in_label} {q}): choose another output "
                                   f"(nothing was written)")
     for i, (la, a) in enumerate(outs):
         for lb, b in outs[i + 1:]:
@@ -216,6 +216,8 @@ def load_sensitivity(sens, loaded=None) -> dict:
     """A sensitivity file (path) or dict, validated (:func:`check_sensitivity`)."""
     if isinstance(sens, dict):
         return check_sensitivity(sens, "sensitivity", loaded)
+    if Path(sens).is_dir():
+        raise CwhawqError(f"sensitivity file {sens} is a directory")
     from .hessian import load_sensitivity as _load
 
     return check_sensitivity(_load(sens), f"sensitivity file {sens}", loaded)

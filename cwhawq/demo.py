@@ -85,13 +85,13 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from .plan import parse_budget
     from .quantize import Quantizer
 
-    from .checks import check_outputs, data_file, model_identity, require_data
+    from .checks import check_labels, check_outputs, data_file, model_classes, model_identity, require_data
+    from .evaluate import check_input_shape
 
     out = Path(cfg.out)
     budget = parse_budget(cfg.budget)
     check_outputs([("--out", out)], [("--data", data_file(cfg.data))], directory=True)
     cfg.data = require_data(cfg.model, cfg.data, "run the demo on")
-    (out / "plans").mkdir(parents=True, exist_ok=True)
     log = Log(echo)
     test_limit = cfg.test_limit or (QUICK_TEST_IMAGES if cfg.quick else None)
     episodes = min(cfg.episodes, QUICK_EPISODES) if cfg.quick else cfg.episodes
@@ -102,6 +102,10 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     infos = qm.layer_infos
     test = D.load(cfg.data, "test", cfg.data_dir).subset(test_limit)
     train = D.load(cfg.data, "train", cfg.data_dir)
+    for ds in (test, train):
+        check_input_shape(loaded.input_shape, ds)
+        check_labels(ds, model_classes(loaded))
+    (out / "plans").mkdir(parents=True, exist_ok=True)   # nothing is written before the input is checked
     fp32_acc = accuracy(qm, test)
     log.stage(f"fp32 accuracy {fp32_acc * 100:.2f}% on {len(test)} test images")
     dargs = ["--data", cfg.data] + (["--data-dir", cfg.data_dir] if cfg.data_dir else [])

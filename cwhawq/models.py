@@ -72,6 +72,8 @@ def _load_zoo(name: str) -> LoadedModel:
 
 
 def _load_pt2(path: Path) -> LoadedModel:
+    if path.is_dir():
+        raise ModelError(f"model {path} is a directory, not a .pt2 archive")
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     if not zipfile.is_zipfile(path):

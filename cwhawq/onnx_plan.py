@@ -71,6 +71,8 @@ def plan_from_onnx(path) -> Plan:
     import onnx
 
     p = Path(path)
+    if p.is_dir():
+        raise PlanError(f"{p} is a directory, not an ONNX file")
     if not p.is_file():
         raise PlanError(f"ONNX file not found: {p}")
     try:

@@ -12,13 +12,13 @@ import torch
 from cwhawq import data as D
 from cwhawq.errors import DataError, ModelError
 from cwhawq.models import load_model, save_pt2
-from conftest import needs_fmnist, write_npz
+from conftest import cli_env, needs_fmnist, write_npz
 
 CLI = [sys.executable, "-m", "cwhawq.cli"]
 
 
 def run_cli(*args, **kw):
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300, env=cli_env(), **kw)
 
 
 def write_idx(path, arr):

@@ -172,11 +172,11 @@ def run_files(artifact: str, inputs: tuple[str, ...], out: str) -> dict:
     from ..io import atomic_path
     from .tvm import load_artifact, manifest_path  # noqa: PLC0415
 
-    if not str(out).endswith((".npy", ".npz")):
-        raise CwhawqError(f"--out {out}: write the outputs to an .npy (one output) or .npz file")
     input_files = [a.split("=", 1)[1] if "=" in a and not Path(a).exists() else a for a in inputs]
     check_outputs([("--out", out)], [("--input", f) for f in input_files]
                   + [("ARTIFACT", artifact), ("its manifest", manifest_path(artifact))])
+    if not str(out).endswith((".npy", ".npz")):
+        raise CwhawqError(f"--out {out}: write the outputs to an .npy (one output) or .npz file")
     man = _read_manifest(artifact)
     feeds = check_inputs(man["inputs"], _load_inputs(man["inputs"], inputs))
     art = load_artifact(artifact)
