@@ -178,3 +178,31 @@ def test_analyze_split_and_export_records_its_calibration(tmp_path, tiny):
     r = CliRunner().invoke(cli, ["plan", "from-onnx", str(tmp_path / "q.onnx"), "--out", str(tmp_path / "back.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "back.json").read_text())["model_sha256"] == meta["cwhawq.model_sha256"]
+
+
+def test_which_data_a_model_gets(tmp_path):
+    """A zoo model (or an ONNX file exported from one) brings its dataset; any other model must be given
+    one: the error names --data."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cwhawq.checks import require_data
+
+    assert require_data("zoo:lenet-fmnist", None) == "fashion-mnist"
+    assert require_data("zoo:lenet-fmnist", "my.npz") == "my.npz"
+    with pytest.raises(ModelError, match="unknown zoo model"):
+        require_data("zoo:nope", None)
+    with pytest.raises(DataError, match="m.pt2 is not a zoo model: give the data to calibrate it on with --data"):
+        require_data(str(tmp_path / "m.pt2"), None, "calibrate it on")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    for src, want in (("zoo:lenet-fmnist", "fashion-mnist"), (str(tmp_path / "m.pt2"), None)):
+        m = helper.make_model(graph)
+        helper.set_model_props(m, {"cwhawq.model": src})
+        onnx.save(m, str(tmp_path / "e.onnx"))
+        if want:
+            assert require_data(str(tmp_path / "e.onnx"), None) == want
+        else:
+            with pytest.raises(DataError, match="--data"):
+                require_data(str(tmp_path / "e.onnx"), None)
