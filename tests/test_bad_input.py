@@ -530,3 +530,15 @@ def test_real_process_no_traceback_no_future_warning(src, tmp_path):
                         "y.npy"], capture_output=True, text=True, cwd=tmp_path / "w", env=cli_env(), timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr and "Aborted" not in r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_of_every_command(name):
+    r = CliRunner().invoke(cli, name.split() + ["--help"])
+    assert r.exit_code == 0 and r.stdout.startswith("Usage:"), r.output
+
+
+def test_a_group_without_command_shows_its_help():
+    for argv in ([], ["plan"]):
+        r = CliRunner().invoke(cli, argv)
+        assert r.exit_code == 2 and "Usage:" in r.output and "Commands:" in r.output, r.output
