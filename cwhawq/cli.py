@@ -367,15 +367,16 @@ def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_co
               help="Saturate actions within this margin of 0 and 1 (pure bit levels reachable).")
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(0), help="Random-action episodes.")
 @click.option("--hidden", default=300, show_default=True, type=click.IntRange(1))
-@click.option("--lr-actor", default=1e-4, show_default=True, type=float)
-@click.option("--lr-critic", default=1e-3, show_default=True, type=float)
-@click.option("--tau", default=0.01, show_default=True, type=float, help="Soft target update rate.")
-@click.option("--discount", default=1.0, show_default=True, type=float)
+@click.option("--lr-actor", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--lr-critic", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--tau", default=0.01, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Soft target update rate.")
+@click.option("--discount", default=1.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--buffer-size", default=20000, show_default=True, type=click.IntRange(1))
-@click.option("--sigma", default=0.3, show_default=True, type=float, help="Initial exploration noise.")
-@click.option("--sigma-decay", default=0.985, show_default=True, type=float)
-@click.option("--baseline-alpha", default=0.1, show_default=True, type=float)
+@click.option("--sigma", default=0.3, show_default=True, type=click.FloatRange(0), help="Initial exploration noise.")
+@click.option("--sigma-decay", default=0.985, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--baseline-alpha", default=0.1, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--greedy-every", default=0, show_default=True, type=click.IntRange(0),
               help="N > 0: the first episode after warm-up and every N-th after it act without noise.")
 @click.option("--target", default=None,

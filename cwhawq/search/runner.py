@@ -138,6 +138,13 @@ def search(model: str, data: str | None = None, sens=None, budget="size:0.125", 
     cfg = DDPGConfig(**agent_options)
     if cfg.batch_size < 1 or cfg.buffer_size < 1 or cfg.hidden < 1 or cfg.warmup < 0:
         raise SearchError("batch_size, buffer_size and hidden must be >= 1, warmup >= 0")
+    for name, lo, hi, lo_open in (("lr_actor", 0, math.inf, True), ("lr_critic", 0, math.inf, True),
+                                  ("tau", 0, 1, True), ("discount", 0, 1, False), ("sigma", 0, math.inf, False),
+                                  ("sigma_decay", 0, 1, True), ("sigma_min", 0, math.inf, False),
+                                  ("baseline_alpha", 0, 1, False), ("init_action", 0, 1, False)):
+        v = float(getattr(cfg, name))
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+            raise SearchError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
     if sens is None:
         raise SearchError("the search needs a sensitivity file (--sens, from cwhawq analyze)")
     sens_d = load_sensitivity(sens)
