@@ -125,7 +125,7 @@ def analyze(model: str, data: str | None = None, out: str | None = None, data_di
     finally:
         if bar is not None:
             bar.close()
-    spec, sha = model_identity(loaded)
+    sha = model_identity(loaded)[1]
     sens = {**{k: v for k, v in sens.items() if k != "layers"}, "model_sha256": sha, "split": split,
             "layers": sens["layers"]}
     if out:
@@ -173,9 +173,9 @@ def make_plan(method: str, model: str, sens=None, budget: str | None = None, bit
 
     if method not in B.METHODS:
         raise PlanError(f"unknown plan method {method!r}: use one of {', '.join(B.METHODS)}")
-    check_outputs([("--out", out)], [("MODEL", _file(model)), ("--sens", sens if isinstance(sens, (str, Path)) else None),
-                                     ("--latency-table", latency_table if isinstance(latency_table, (str, Path))
-                                      else None)])
+    check_outputs([("--out", out)],
+                  [("MODEL", _file(model)), ("--sens", sens if isinstance(sens, (str, Path)) else None),
+                   ("--latency-table", latency_table if isinstance(latency_table, (str, Path)) else None)])
     bit_set = parse_bits(bits)
     bud = parse_budget(budget) if budget else None
     a = _parse_a_bits(a_bits)

@@ -609,7 +609,8 @@ def build_table(model: str, target: str = "llvm", out: str | Path | None = None,
     t_start = time.time()
     check_outputs([("--out", out)], [("MODEL", None if str(model).startswith("zoo:") else str(model)),
                                      ("--data", data_file(data))]
-                  + [("--check", c) for c in checks if isinstance(c, (str, Path)) and not str(c).startswith("uniform:")])
+                  + [("--check", c) for c in checks
+                     if isinstance(c, (str, Path)) and not str(c).startswith("uniform:")])
     if grid < 1 or grid > 8:
         raise LatencyError("--grid must be in 1..8")
     if batch < 1:

@@ -326,7 +326,8 @@ def generic_rows(files: set[str]) -> list[Row]:
             for bad, msg in (("missing.json", "not found"), ("adir", "is a directory"),
                              ("trunc.json", "not valid JSON"), ("snan.json", "is nan"), ("sinf.json", "is inf"),
                              ("sv2.json", "version 2 is not supported"), ("szoo.json", "was made for zoo:lenet-fmnist"),
-                             ("sschema.json", "must be a list of numbers"), ("plan.json", "not a cwhawq sensitivity file")):
+                             ("sschema.json", "must be a list of numbers"),
+                             ("plan.json", "not a cwhawq sensitivity file")):
                 rows.append(Row(_join(_replace(argv, "--sens", bad)), msg))
         if "--bits" in opts:
             for bad, msg in (("2,5", "bit-widths must come from"), ("two", "does not parse"),

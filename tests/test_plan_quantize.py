@@ -186,7 +186,8 @@ def test_cli_plan_and_eval(tmp_path):
                        capture_output=True, text=True, timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr
     r = subprocess.run(cmd + ["plan", "cw-greedy", "zoo:lenet-fmnist", "--sens", str(sens), "--budget", "bits:4",
-                              "--out", str(tmp_path / "p.json"), "--json"], capture_output=True, text=True, timeout=300, env=cli_env())
+                              "--out", str(tmp_path / "p.json"), "--json"], capture_output=True, text=True, timeout=300,
+                       env=cli_env())
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["meets_budget"]
     r = subprocess.run(cmd + ["eval", "zoo:lenet-fmnist", "--plan", str(tmp_path / "p.json"), "--limit", "500",
