@@ -7,26 +7,42 @@ from . import data as D
 from .errors import ModelError
 
 
-def evaluate(model: str, data: str = "fashion-mnist", split: str = "test", data_dir: str | None = None,
+def _file(spec) -> str | None:
+    """The file behind a model spec (a .pt2 or .onnx path; None for zoo:NAME), for output checks."""
+    s = str(spec) if spec is not None else ""
+    return s if s and not s.startswith("zoo:") and not hasattr(spec, "module") else None
+
+
+def evaluate(model: str, data: str | None = None, split: str = "test", data_dir: str | None = None,
              batch_size: int = 500, limit: int | None = None, plan=None, calib_batches: int = 4,
              act_scale: str = "pow2", finetune_epochs: int = 0) -> dict:
-    """Accuracy of a model spec (zoo:NAME, .pt2, .onnx) on a dataset split, optionally under a plan."""
+    """Accuracy of a model spec (zoo:NAME, .pt2, .onnx) on a dataset split, optionally under a plan.
+
+    ``data``: a dataset spec; None takes a zoo model's own dataset (:func:`cwhawq.checks.require_data`)."""
+    from .checks import check_labels, model_classes, require_data
     from .evaluate import accuracy, check_input_shape, onnx_predict
 
-    ds = D.load(data, split, data_dir).subset(limit)
-    rep = {"model": model, "data": data, "split": split, "n": len(ds)}
     if str(model).endswith(".onnx"):
         if plan is not None:
             raise ModelError("--plan applies to PyTorch models; an exported .onnx already holds its plan")
+        if Path(model).is_dir():
+            raise ModelError(f"model {model} is a directory, not an ONNX file")
         if not Path(model).is_file():
             raise ModelError(f"model file not found: {model}")
+        data = require_data(model, data, "evaluate it on")
+        ds = D.load(data, split, data_dir).subset(limit)
         logits = onnx_predict(model, ds, batch_size)
-        rep["accuracy"] = float((logits.argmax(1) == ds.y).mean())
-        return rep
+        check_labels(ds, logits.shape[1])
+        return {"model": model, "data": data, "split": split, "n": len(ds),
+                "accuracy": float((logits.argmax(1) == ds.y).mean())}
     from .models import load_model
 
     loaded = load_model(model)
+    data = require_data(loaded, data, "evaluate it on")
+    ds = D.load(data, split, data_dir).subset(limit)
+    rep = {"model": model, "data": data, "split": split, "n": len(ds)}
     check_input_shape(loaded.input_shape, ds)
+    check_labels(ds, model_classes(loaded))
     if plan is None:
         rep["accuracy"] = accuracy(loaded.module, ds, batch_size)
         return rep
@@ -47,37 +63,51 @@ def calibration_set(data="fashion-mnist", data_dir: str | None = None, calib_bat
     return D.load(data, "train", data_dir).subset(calib_batches * 128, seed=1)
 
 
-def simulate_plan(loaded, plan, data="fashion-mnist", data_dir: str | None = None, calib_batches: int = 4,
+def simulate_plan(loaded, plan, data=None, data_dir: str | None = None, calib_batches: int = 4,
                   act_scale: str = "pow2", finetune_epochs: int = 0):
-    """(QModel, Plan, QuantizedModel): ``plan`` (path or Plan) validated against a LoadedModel and
-    simulated with the shared calibration (:func:`calibration_set`), optionally fine-tuned (QAT)."""
+    """(QModel, Plan, QuantizedModel): ``plan`` (path or Plan) checked against a LoadedModel (the model it
+    was made for, its layers) and simulated with the shared calibration (:func:`calibration_set`; ``data``
+    None: a zoo model's own dataset), optionally fine-tuned (QAT)."""
+    from .checks import check_labels, check_plan_model, model_classes, require_data
     from .graph import qmodel_from_loaded
     from .plan import load_plan
     from .quantize import finetune, quantize_model
 
-    qm = qmodel_from_loaded(loaded)
     p = load_plan(plan) if not hasattr(plan, "layers") else plan
+    check_plan_model(p, loaded, f"plan {plan}" if not hasattr(plan, "layers") else "the plan")
+    data = require_data(loaded, data, "calibrate it on")
+    qm = qmodel_from_loaded(loaded)
     p.validate(qm.layer_infos)
+    if finetune_epochs and isinstance(data, D.Dataset):
+        raise ModelError("fine-tuning needs a dataset spec (its train split), not a Dataset object")
+    train = D.load(data, "train", data_dir) if finetune_epochs else None
+    if train is not None:
+        check_labels(train, model_classes(loaded))
     sim = quantize_model(qm, p, calibration_set(data, data_dir, calib_batches), act_scale=act_scale)
-    if finetune_epochs:
-        if isinstance(data, D.Dataset):
-            raise ModelError("fine-tuning needs a dataset spec (its train split), not a Dataset object")
-        finetune(sim, D.load(data, "train", data_dir), epochs=finetune_epochs)
+    if train is not None:
+        finetune(sim, train, epochs=finetune_epochs)
     return qm, p, sim
 
 
-def analyze(model: str, data: str = "fashion-mnist", out: str | None = None, data_dir: str | None = None,
+def analyze(model: str, data: str | None = None, out: str | None = None, data_dir: str | None = None,
             batch_size: int = 128, batches: int = 1, max_probes: int = 512, tol: float = 0.01, seed: int = 0,
-            scheme: str = "auto", plot: str | None = None, progress: bool = False) -> dict:
-    """Channel-wise Hessian traces and Omega of a model on ``batches`` x ``batch_size`` train samples."""
+            scheme: str = "auto", plot: str | None = None, progress: bool = False, split: str = "train") -> dict:
+    """Channel-wise Hessian traces and Omega of a model on ``batches`` x ``batch_size`` samples of the
+    ``split`` of ``data`` (None: a zoo model's own dataset)."""
+    from .checks import check_labels, check_outputs, data_file, model_classes, model_identity, require_data
     from .evaluate import check_input_shape
     from .graph import qmodel_from_loaded
-    from .hessian import analyze as _analyze, plot_sensitivity
+    from .hessian import analyze as _analyze, parse_scheme, plot_sensitivity
     from .models import load_model
 
+    check_outputs([("--out", out), ("--plot", plot)], [("MODEL", _file(model)), ("--data", data_file(data))])
+    if scheme != "auto":
+        parse_scheme(scheme)
     loaded = load_model(model)
-    ds = D.load(data, "train", data_dir)
+    data = require_data(loaded, data, "analyze it on")
+    ds = D.load(data, split, data_dir)
     check_input_shape(loaded.input_shape, ds)
+    check_labels(ds, model_classes(loaded))
     qm = qmodel_from_loaded(loaded)
     bar = None
     cb = None
@@ -95,6 +125,9 @@ def analyze(model: str, data: str = "fashion-mnist", out: str | None = None, dat
     finally:
         if bar is not None:
             bar.close()
+    sha = model_identity(loaded)[1]
+    sens = {**{k: v for k, v in sens.items() if k != "layers"}, "model_sha256": sha, "split": split,
+            "layers": sens["layers"]}
     if out:
         from .io import write_json
 
@@ -132,17 +165,22 @@ def make_plan(method: str, model: str, sens=None, budget: str | None = None, bit
     """A baseline plan (uniform, hawq-v3, cw-greedy) for a model under a budget (``latency:R`` with
     ``latency_table``, a file or :class:`cwhawq.latency.LatencyTable`: uniform and hawq-v3)."""
     from . import baselines as B
+    from .checks import check_outputs, load_sensitivity, model_identity
     from .errors import PlanError
     from .graph import qmodel_from_loaded
-    from .hessian import load_sensitivity
     from .models import load_model
     from .plan import parse_budget
 
     if method not in B.METHODS:
         raise PlanError(f"unknown plan method {method!r}: use one of {', '.join(B.METHODS)}")
+    check_outputs([("--out", out)],
+                  [("MODEL", _file(model)), ("--sens", sens if isinstance(sens, (str, Path)) else None),
+                   ("--latency-table", latency_table if isinstance(latency_table, (str, Path)) else None)])
     bit_set = parse_bits(bits)
     bud = parse_budget(budget) if budget else None
-    a = "mixed" if str(a_bits) == "mixed" else int(a_bits)
+    a = _parse_a_bits(a_bits)
+    if method == "uniform" and int(w_bits) not in _bit_choices():
+        raise PlanError(f"--w-bits {w_bits}: weight bits must come from {list(_bit_choices())}")
     loaded = load_model(model)
     infos = qmodel_from_loaded(loaded).layer_infos
     table = _latency_table(latency_table)
@@ -155,18 +193,39 @@ def make_plan(method: str, model: str, sens=None, budget: str | None = None, bit
             raise PlanError(f"{method} needs --budget")
         if sens is None:
             raise PlanError(f"{method} needs --sens (from cwhawq analyze)")
-        s = load_sensitivity(sens) if not isinstance(sens, dict) else sens
+        s = load_sensitivity(sens, loaded)
         if method == "hawq-v3":
             plan = B.hawq_v3(infos, s, bud, bit_set, a, latency=table)
         else:
             plan = B.cw_greedy(infos, s, bud, bit_set, a)
-    plan.model = model
+    plan.model, plan.model_sha256 = model_identity(loaded)
     if out:
         plan.save(out)
     return plan
 
 
-def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "size:0.125", episodes: int = 300,
+def _bit_choices():
+    from .quantizers import BIT_CHOICES
+
+    return BIT_CHOICES
+
+
+def _parse_a_bits(a_bits):
+    """--a-bits of the baselines: 'mixed' or one bit-width from the bit choices."""
+    from .errors import PlanError
+
+    if str(a_bits) == "mixed":
+        return "mixed"
+    try:
+        a = int(a_bits)
+    except (TypeError, ValueError):
+        raise PlanError(f"--a-bits {a_bits!r}: use N (one of {list(_bit_choices())}) or 'mixed'") from None
+    if a not in _bit_choices():
+        raise PlanError(f"--a-bits {a}: activation bits must come from {list(_bit_choices())}")
+    return a
+
+
+def search(model: str, data: str | None = None, sens=None, budget: str = "size:0.125", episodes: int = 300,
            out: str | None = None, seed: int = 0, resume: bool = False, bits="2,4,8", a_bits="8",
            data_dir: str | None = None, log: str | None = None, checkpoint: str | None = None,
            checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
@@ -198,9 +257,24 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget: str = "si
     from .plan import parse_budget
     from .search import search as _search
 
+    from .checks import check_outputs, data_file, load_sensitivity, require_data
+    from .errors import CwhawqError
+
     echo = echo or (lambda m: None)
+    out_p = Path(out) if out else None
+    check_outputs([("--out", out), ("--log", log or (out_p.with_suffix(".jsonl") if out_p else None)),
+                   ("--checkpoint", checkpoint or (out_p.with_suffix(".ckpt") if out_p else None)),
+                   ("the latency table", out_p.with_suffix(".latency.json")
+                    if out_p and target is not None and latency_table is None else None)],
+                  [("MODEL", _file(model)), ("--data", data_file(data)),
+                   ("--sens", sens if isinstance(sens, (str, Path)) else None),
+                   ("--latency-table", latency_table if isinstance(latency_table, (str, Path)) else None)])
     remote = parse_rpc(rpc, key)
     bud = parse_budget(budget)
+    data = require_data(model, data, "search on")
+    if sens is None:
+        raise CwhawqError("the search needs a sensitivity file (--sens, from cwhawq analyze)")
+    load_sensitivity(sens)   # a bad file fails here, before any latency is measured
     if target is not None:   # a bad target fails here, before anything is measured
         from .backends.targets import resolve_target
 
@@ -267,7 +341,7 @@ def bench(artifact: str, device: str | None = None, rpc: str | None = None, key:
 
 
 def latency_table(model: str, target: str = "llvm", out: str | None = None, rpc: str | None = None,
-                  key: str | None = None, batch: int = 1, grid: int = 2, data="fashion-mnist",
+                  key: str | None = None, batch: int = 1, grid: int = 2, data=None,
                   data_dir: str | None = None, cache_dir: str | None = None, checks=(), repeat: int = 100,
                   timeout: float = 60.0, boards: int | None = None, jobs: int | None = None, log=None):
     """Per-layer latency table of a model for a target (a :class:`cwhawq.latency.LatencyTable`, the
@@ -278,3 +352,31 @@ def latency_table(model: str, target: str = "llvm", out: str | None = None, rpc:
     return build_table(model, target, out, batch=batch, remote=parse_rpc(rpc, key), grid=grid, data=data,
                        data_dir=data_dir, cache_dir=cache_dir, checks=checks, repeat=repeat, timeout=timeout,
                        max_boards=boards, jobs=jobs, log=log)
+
+
+def compile_onnx(onnx_path, target: str = "llvm", out=None, arch: str | None = None, batch: int | None = None,
+            tune_trials: int = 0, kernels: bool = True, log=None):
+    """``cwhawq compile``: :func:`cwhawq.backends.tvm.compile_model` after checking, before any work, that
+    the artifact and its manifest can be written and overwrite neither the ONNX input nor each other."""
+    from .backends.tvm import compile_model, manifest_path
+    from .checks import check_outputs
+
+    src = Path(onnx_path)
+    if src.is_dir():
+        raise ModelError(f"{src} is a directory, not an ONNX file")
+    art = Path(out) if out is not None else src.with_suffix(".so")
+    check_outputs([("--out", art), ("its manifest", manifest_path(art))], [("MODEL.onnx", src)])
+    return compile_model(onnx_path, target=target, out=out, arch=arch, batch=batch, tune_trials=tune_trials,
+                         kernels=kernels, log=log)
+
+
+def plan_from_onnx(onnx_path, out=None) -> "Plan":
+    """``cwhawq plan from-onnx``: the plan an exported ONNX file holds, written to ``out``."""
+    from .checks import check_outputs
+    from .onnx_plan import plan_from_onnx as _from_onnx
+
+    check_outputs([("--out", out)], [("MODEL.onnx", onnx_path)])
+    plan = _from_onnx(onnx_path)
+    if out:
+        plan.save(out)
+    return plan

@@ -96,6 +96,8 @@ def read_manifest(artifact: str | Path) -> dict:
     from .backends.tvm import manifest_path
 
     p = Path(artifact)
+    if p.is_dir():
+        raise BenchError(f"artifact {p} is a directory")
     if not p.is_file():
         raise BenchError(f"artifact not found: {p}")
     mp = manifest_path(p)
@@ -103,8 +105,10 @@ def read_manifest(artifact: str | Path) -> dict:
         raise BenchError(f"manifest not found next to the artifact: {mp} (compile with cwhawq compile)")
     try:
         man = json.loads(mp.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BenchError(f"cannot read manifest {mp}: {exc}") from None
+    if not isinstance(man, dict) or not isinstance(man.get("inputs"), list):
+        raise BenchError(f"{mp} is not a cwhawq manifest (no 'inputs' list)")
     if man.get("sha256") and man["sha256"] != _sha256(p):
         raise BenchError(f"{p} does not match its manifest checksum (modified or truncated)")
     return man

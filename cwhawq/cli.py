@@ -36,18 +36,41 @@ def handled(fn):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-            if _DEBUG["on"]:
+        except OSError as e:   # a file named on the command line that cannot be read or written
+            if _DEBUG["on"] or e.filename is None:
                 raise
             _fail(f"{e.strerror}: {e.filename}")
     return wrapper
+
+
+class _Group(click.Group):
+    """Usage errors (a missing option, a value out of range, an unknown option) are one line on stderr,
+    ``error: ...``, exit code 2, like every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:   # `cwhawq`, `cwhawq plan`: the help, as click does
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            msg = " ".join(e.format_message().split())
+            _fail(msg + hint, e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def emit(obj: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(obj) if as_json else text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cwhawq")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug):
@@ -60,8 +83,9 @@ def cli(debug):
     _DEBUG["on"] = debug
 
 
-data_option = click.option("--data", "data_spec", default="fashion-mnist", show_default=True,
-                           help="Dataset spec: fashion-mnist, a directory of IDX files, or an .npz file.")
+data_option = click.option("--data", "data_spec", default=None,
+                           help="Dataset spec: fashion-mnist, a directory of IDX files, or an .npz file. "
+                                "Default: a zoo model's own dataset; required for any other model.")
 data_dir_option = click.option("--data-dir", default=None, envvar="CWHAWQ_DATA",
                                help="Directory of the Fashion-MNIST IDX files (env CWHAWQ_DATA).")
 
@@ -84,7 +108,9 @@ data_dir_option = click.option("--data-dir", default=None, envvar="CWHAWQ_DATA",
 @handled
 def eval_cmd(model, data_spec, data_dir, split, batch_size, limit, plan_path, calib_batches, act_scale,
              finetune_epochs, as_json):
-    """Accuracy of MODEL (zoo:NAME, .pt2 or .onnx) on a split of DATA, optionally under a bit plan."""
+    """Accuracy of MODEL (zoo:NAME, .pt2 or .onnx) on a split of DATA, optionally under a bit plan.
+
+    A .pt2 (or an .onnx not exported from a zoo model) needs --data."""
     from . import api
 
     t0 = time.time()
@@ -112,18 +138,19 @@ def eval_cmd(model, data_spec, data_dir, split, batch_size, limit, plan_path, ca
 @handled
 def compile_cmd(onnx_path, target, arch, out, batch, tune_trials, no_kernels, as_json):
     """Compile an ONNX model with TVM: quantized layers on packed low-bit kernels."""
+    from . import api
     from .backends.cli_commands import compile_text
-    from .backends.tvm import compile_model
 
-    res = compile_model(onnx_path, target=target, out=out, arch=arch, batch=batch, tune_trials=tune_trials,
-                        kernels=not no_kernels, log=lambda m: click.echo(m, err=True))
+    res = api.compile_onnx(onnx_path, target=target, out=out, arch=arch, batch=batch, tune_trials=tune_trials,
+                           kernels=not no_kernels, log=lambda m: click.echo(m, err=True))
     emit(res.manifest, as_json, compile_text(res))
 
 
 @cli.command("run")
 @click.argument("artifact")
 @click.option("--input", "inputs", multiple=True, required=True,
-              help="Input .npy (in order), or NAME=FILE.npy; an .npz gives inputs by name.")
+              help="Input .npy (in order), or NAME=FILE.npy; an .npz gives inputs by name. The dtype must "
+                   "be the artifact's (float64 is cast to float32; integer arrays are refused).")
 @click.option("--out", "out", required=True, help="Output .npy (one output) or .npz (several).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handled
@@ -140,6 +167,8 @@ def run_cmd(artifact, inputs, out, as_json):
 @click.argument("model")
 @data_option
 @data_dir_option
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val", "test", "all"]),
+              help="Split of DATA the samples come from (all: every sample of an x,y .npz).")
 @click.option("--out", required=True, help="Sensitivity JSON to write (docs/sensitivity.md).")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--batches", default=1, show_default=True, type=click.IntRange(1))
@@ -152,11 +181,14 @@ def run_cmd(artifact, inputs, out, as_json):
 @click.option("--plot", default=None, help="Write a plot of the per-layer channel-trace distributions.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handled
-def analyze_cmd(model, data_spec, data_dir, out, batch_size, batches, max_probes, tol, seed, scheme, plot, as_json):
-    """Channel-wise Hessian traces and trace-weighted sensitivities (Omega) of MODEL."""
+def analyze_cmd(model, data_spec, data_dir, split, out, batch_size, batches, max_probes, tol, seed, scheme, plot,
+                as_json):
+    """Channel-wise Hessian traces and trace-weighted sensitivities (Omega) of MODEL on BATCHES x BATCH_SIZE
+    samples of a split of DATA (a .pt2 needs --data)."""
     from . import api
 
-    sens = api.analyze(model, data_spec, out=out, data_dir=data_dir, batch_size=batch_size, batches=batches,
+    sens = api.analyze(model, data_spec, out=out, data_dir=data_dir, split=split, batch_size=batch_size,
+                       batches=batches,
                        max_probes=max_probes, tol=tol, seed=seed, scheme=scheme, plot=plot,
                        progress=not as_json and sys.stderr.isatty())
     summary = {k: sens[k] for k in ("model", "scheme", "probes", "hvps", "converged", "worst_rel_stderr", "loss",
@@ -232,10 +264,9 @@ def plan_uniform(model, w_bits, budget, latency_table, bits, a_bits, out, as_jso
 @handled
 def plan_from_onnx_cmd(onnx_path, out, as_json):
     """Rebuild the bit plan of an exported ONNX file from its annotations (docs/export.md)."""
-    from .onnx_plan import plan_from_onnx
+    from . import api
 
-    plan = plan_from_onnx(onnx_path)
-    plan.save(out)
+    plan = api.plan_from_onnx(onnx_path, out)
     n = sum(len(lp.w_bits) for lp in plan.layers)
     emit(plan.to_dict(), as_json, f"plan of {len(plan.layers)} layers ({n} weight channels, method "
                                   f"{plan.method}, budget {plan.budget}) from {onnx_path} -> {out}")
@@ -265,7 +296,10 @@ def plan_from_onnx_cmd(onnx_path, out, as_json):
 @handled
 def export_cmd(model, plan_path, fp32, out, fmt, opset, data_spec, data_dir, calib_batches, act_scale,
                finetune_epochs, sens, verify, eval_split, as_json):
-    """Export MODEL (zoo:NAME or .pt2) under a bit plan to ONNX (QDQ, per-channel mixed precision)."""
+    """Export MODEL (zoo:NAME or .pt2) under a bit plan to ONNX (QDQ, per-channel mixed precision).
+
+    The plan's activation ranges are calibrated on DATA (a .pt2 needs --data); the file records which
+    data (cwhawq.calibration)."""
     from .export import export_fp32, export_onnx, summary_text
 
     if fp32 == (plan_path is not None):
@@ -333,15 +367,16 @@ def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_co
               help="Saturate actions within this margin of 0 and 1 (pure bit levels reachable).")
 @click.option("--warmup", default=20, show_default=True, type=click.IntRange(0), help="Random-action episodes.")
 @click.option("--hidden", default=300, show_default=True, type=click.IntRange(1))
-@click.option("--lr-actor", default=1e-4, show_default=True, type=float)
-@click.option("--lr-critic", default=1e-3, show_default=True, type=float)
-@click.option("--tau", default=0.01, show_default=True, type=float, help="Soft target update rate.")
-@click.option("--discount", default=1.0, show_default=True, type=float)
+@click.option("--lr-actor", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--lr-critic", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--tau", default=0.01, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Soft target update rate.")
+@click.option("--discount", default=1.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--buffer-size", default=20000, show_default=True, type=click.IntRange(1))
-@click.option("--sigma", default=0.3, show_default=True, type=float, help="Initial exploration noise.")
-@click.option("--sigma-decay", default=0.985, show_default=True, type=float)
-@click.option("--baseline-alpha", default=0.1, show_default=True, type=float)
+@click.option("--sigma", default=0.3, show_default=True, type=click.FloatRange(0), help="Initial exploration noise.")
+@click.option("--sigma-decay", default=0.985, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--baseline-alpha", default=0.1, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--greedy-every", default=0, show_default=True, type=click.IntRange(0),
               help="N > 0: the first episode after warm-up and every N-th after it act without noise.")
 @click.option("--target", default=None,

@@ -34,7 +34,7 @@ from . import __version__
 class DemoConfig:
     out: str = "demo_out"
     model: str = "zoo:resnet20-fmnist"
-    data: str = "fashion-mnist"
+    data: str | None = None          # None: the zoo model's own dataset (required for a .pt2)
     data_dir: str | None = None
     budget: str = "bits:3"
     episodes: int = 200
@@ -85,10 +85,14 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from .plan import parse_budget
     from .quantize import Quantizer
 
+    from .checks import check_labels, check_outputs, data_file, model_classes, model_identity, require_data
+    from .evaluate import check_input_shape
+
     out = Path(cfg.out)
-    (out / "plans").mkdir(parents=True, exist_ok=True)
-    log = Log(echo)
     budget = parse_budget(cfg.budget)
+    check_outputs([("--out", out)], [("--data", data_file(cfg.data))], directory=True)
+    cfg.data = require_data(cfg.model, cfg.data, "run the demo on")
+    log = Log(echo)
     test_limit = cfg.test_limit or (QUICK_TEST_IMAGES if cfg.quick else None)
     episodes = min(cfg.episodes, QUICK_EPISODES) if cfg.quick else cfg.episodes
 
@@ -98,6 +102,10 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     infos = qm.layer_infos
     test = D.load(cfg.data, "test", cfg.data_dir).subset(test_limit)
     train = D.load(cfg.data, "train", cfg.data_dir)
+    for ds in (test, train):
+        check_input_shape(loaded.input_shape, ds)
+        check_labels(ds, model_classes(loaded))
+    (out / "plans").mkdir(parents=True, exist_ok=True)   # nothing is written before the input is checked
     fp32_acc = accuracy(qm, test)
     log.stage(f"fp32 accuracy {fp32_acc * 100:.2f}% on {len(test)} test images")
     dargs = ["--data", cfg.data] + (["--data-dir", cfg.data_dir] if cfg.data_dir else [])
@@ -107,6 +115,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     log.stage("channel-wise Hessian analysis")
     sens_batch = 64 if cfg.quick else 128
     sens = analyze(qm, train, model_name=cfg.model, batch_size=sens_batch)
+    sens["model_sha256"] = model_identity(loaded)[1]
     write_json(out / "sens.json", sens, indent=None)
     plot_sensitivity(sens, out / "sens.png")
     log.stage(f"  {len(sens['layers'])} layers, scheme {sens['scheme']}, {sens['seconds']:.1f} s")
@@ -120,7 +129,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                       ("hawq-v3", ("hawq-v3", "--sens", out / "sens.json", "--budget", cfg.budget)),
                       ("cw-greedy", ("cw-greedy", "--sens", out / "sens.json", "--budget", cfg.budget))):
         fname = out / "plans" / (key.replace(" ", "_").lower() + ".json")
-        plans[key].model = cfg.model
+        plans[key].model, plans[key].model_sha256 = model_identity(loaded)
         plans[key].save(fname)
         log.cmd(f"plan {key}", "plan", argv[0], cfg.model, *argv[1:], "--out", fname)
 

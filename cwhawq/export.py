@@ -668,14 +668,16 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
 
 
 # ===================================================================================== entry point
-def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset: int | None = None,
+def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None = None,
                 meta: dict | None = None, *, data_dir: str | None = None, calib_batches: int = 4,
                 act_scale: str = "pow2", finetune_epochs: int = 0, sens=None, verify: int = 64,
                 eval_split: str | None = None, eval_limit: int | None = None, batch_size: int = 500) -> dict:
     """Export ``model`` (zoo:NAME, .pt2 or a LoadedModel) under ``plan`` (path or Plan) to ``out``.
 
     The plan is simulated exactly as ``cwhawq eval --plan`` does (:func:`cwhawq.api.simulate_plan`;
-    ``data`` is a dataset spec or a Dataset used as the calibration set). ``verify`` samples of the
+    ``data`` is a dataset spec or a Dataset used as the calibration set; None: a zoo model's own
+    dataset, any other model must be given its data). The data that calibrated the file is recorded in
+    its ``cwhawq.calibration`` annotation. ``verify`` samples of the
     calibration set are run through onnxruntime and compared with the simulation; ``eval_split``
     (e.g. "test") also measures both accuracies on that split and records them in ``cwhawq.accuracy``.
     Returns a summary dict (layers, bits, sizes, opset, comparison). Nothing is written on error.
@@ -684,15 +686,22 @@ def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset:
     from .io import atomic_path
     from .models import LoadedModel, load_model
 
+    from .checks import check_labels, check_outputs, data_file, load_sensitivity, model_classes, require_data
+
     t0 = time.time()
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: use {' or '.join(FORMATS)}")
-    if eval_split and not isinstance(data, str):
+    if eval_split and data is not None and not isinstance(data, str):
         raise ExportError("eval_split needs a dataset spec, not a Dataset")
+    if isinstance(model, str) and model.endswith(".onnx"):
+        raise ExportError(f"{model}: export takes a PyTorch model (zoo:NAME or .pt2); an .onnx file "
+                          f"already holds its plan")
+    check_outputs([("--out", out)], [("MODEL", model if isinstance(model, str) and not model.startswith("zoo:")
+                                      else None),
+                                     ("--plan", plan if isinstance(plan, (str, Path)) else None),
+                                     ("--data", data_file(data)),
+                                     ("--sens", sens if isinstance(sens, (str, Path)) else None)])
     if isinstance(model, str):
-        if model.endswith(".onnx"):
-            raise ExportError(f"{model}: export takes a PyTorch model (zoo:NAME or .pt2); an .onnx file "
-                              f"already holds its plan")
         loaded = load_model(model)
     elif isinstance(model, LoadedModel):
         loaded = model
@@ -706,14 +715,21 @@ def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset:
     else:
         plan_src = "<plan>"
     opset = _check_opset(plan, fmt, opset)
+    from .checks import check_plan_model
     from .evaluate import check_input_shape
 
+    check_plan_model(plan, loaded, f"plan {plan_src}" if plan_src != "<plan>" else "the plan")
+    data = require_data(loaded, data, "calibrate it on")
     calib = api.calibration_set(data, data_dir, calib_batches)
     check_input_shape(loaded.input_shape, calib)
-    if sens is not None and not isinstance(sens, dict):
-        from .hessian import load_sensitivity
+    if sens is not None:
+        sens = load_sensitivity(sens, loaded)
+    eval_ds = None
+    if eval_split:
+        from .data import load as load_data
 
-        sens = load_sensitivity(sens)
+        eval_ds = load_data(data, eval_split, data_dir).subset(eval_limit)
+        check_labels(eval_ds, model_classes(loaded))
     qm, plan, sim = api.simulate_plan(loaded, plan, data if finetune_epochs else calib, data_dir, calib_batches,
                                       act_scale, finetune_epochs)
     float_model = _torch_export(qm, loaded.input_shape, opset)
@@ -742,12 +758,14 @@ def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset:
         "cwhawq.format": fmt,
         "cwhawq.plan": json.dumps(plan.to_dict()),
         "cwhawq.model": str(plan.model or loaded.spec),
+        "cwhawq.model_sha256": str(plan.model_sha256 or loaded.info.get("sha256") or ""),
         "cwhawq.budget": str(plan.budget or ""),
         "cwhawq.method": str(plan.method or ""),
         "cwhawq.search": json.dumps(plan.meta or {}),
         "cwhawq.accuracy": json.dumps((plan.metrics or {}).get("accuracy")),
         "cwhawq.calibration": json.dumps({"data": data if isinstance(data, str) else calib.name,
-                                          "split": calib.split, "samples": len(calib), "seed": 1,
+                                          "split": "train" if isinstance(data, str) else calib.split,
+                                          "samples": len(calib), "seed": 1, "calib_batches": calib_batches,
                                           "act_scale": act_scale, "finetune_epochs": finetune_epochs}),
     }
     for k, v in (meta or {}).items():
@@ -760,10 +778,9 @@ def export_onnx(model, plan, out, data="fashion-mnist", fmt: str = "qdq", opset:
         check = compare_logits(predict(qm, sub, batch_size), _ort_logits(sess, sub.x, batch_size))
     accuracy = None
     if eval_split:
-        from .data import load as load_data
         from .evaluate import predict
 
-        ds = load_data(data, eval_split, data_dir).subset(eval_limit)
+        ds = eval_ds
         ref = predict(qm, ds, batch_size)
         got = _ort_logits(sess, ds.x, batch_size)
         accuracy = {"split": eval_split, "n": len(ds), "simulated": float((ref.argmax(1) == ds.y).mean()),
@@ -840,10 +857,17 @@ def export_fp32(model, out, opset: int = 18) -> Path:
     from .io import atomic_path
     from .models import LoadedModel, load_model
 
+    from .checks import check_outputs
+
+    if isinstance(model, str) and model.endswith(".onnx"):
+        raise ExportError(f"{model}: export takes a PyTorch model (zoo:NAME or .pt2), not ONNX")
+    check_outputs([("--out", out)], [("MODEL", model if isinstance(model, str) and not model.startswith("zoo:")
+                                      else None)])
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     qm = qmodel_from_loaded(loaded, check=False)  # float only: any layer the graph can run is fine
     proto = _torch_export(qm, loaded.input_shape, opset)
-    _set_meta(proto, {"cwhawq.version": __version__, "cwhawq.model": loaded.spec, "cwhawq.format": "fp32"})
+    _set_meta(proto, {"cwhawq.version": __version__, "cwhawq.model": loaded.spec,
+                      "cwhawq.model_sha256": str(loaded.info.get("sha256") or ""), "cwhawq.format": "fp32"})
     onnx.checker.check_model(proto)
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))

@@ -179,10 +179,14 @@ def canonicalize(module: nn.Module, input_shape, exported=None, fold_bn: bool = 
                  check: bool = True) -> QModel:
     """Export (if needed), fold BN and replace quantizable ops by QLayers. Raises ModelError if none,
     and (``check``) for layers quantization cannot handle yet (:func:`check_supported_layers`)."""
+    from .models import quiet_torch
+
     if exported is not None:
-        gm = copy.deepcopy(exported.module())
+        with quiet_torch():
+            gm = copy.deepcopy(exported.module())
     elif isinstance(module, fx.GraphModule):
-        gm = copy.deepcopy(module)
+        with quiet_torch():
+            gm = copy.deepcopy(module)
     else:
         gm = _export(module, input_shape)
     graph = gm.graph

@@ -584,7 +584,7 @@ def _check_plan_spec(spec, infos):
 
 
 def build_table(model: str, target: str = "llvm", out: str | Path | None = None, batch: int = 1,
-                remote: Remote | None = None, grid: int = DEFAULT_GRID, data="fashion-mnist",
+                remote: Remote | None = None, grid: int = DEFAULT_GRID, data=None,
                 data_dir: str | None = None, calib_batches: int = 4, cache_dir: str | Path | None = None,
                 checks=(), repeat: int = 100, min_repeat_ms: int = 1, warmup: int = 10,
                 timeout: float = 60.0, max_boards: int | None = None, jobs: int | None = None,
@@ -603,18 +603,27 @@ def build_table(model: str, target: str = "llvm", out: str | Path | None = None,
     from .models import load_model
     from .quantize import calibrate_ranges
 
+    from .checks import check_outputs, check_plan_model, data_file, require_data
+
     log = log or (lambda m: None)
     t_start = time.time()
+    check_outputs([("--out", out)], [("MODEL", None if str(model).startswith("zoo:") else str(model)),
+                                     ("--data", data_file(data))]
+                  + [("--check", c) for c in checks
+                     if isinstance(c, (str, Path)) and not str(c).startswith("uniform:")])
     if grid < 1 or grid > 8:
         raise LatencyError("--grid must be in 1..8")
     if batch < 1:
         raise LatencyError("--batch must be >= 1")
     ts = resolve_target(target)
     loaded = load_model(model)
+    data = require_data(loaded, data, "calibrate it on")
     qm = qmodel_from_loaded(loaded)
     infos = qm.layer_infos
     check_plans = [_check_plan_spec(c, infos) for c in checks]
-    for p, _ in check_plans:
+    for (p, name), c in zip(check_plans, checks):
+        if not isinstance(c, str) or not c.startswith("uniform:"):
+            check_plan_model(p, loaded, f"--check {name}")
         p.validate(infos)
     calib = api.calibration_set(data, data_dir, calib_batches)
     check_input_shape(loaded.input_shape, calib)
@@ -899,7 +908,7 @@ def measure_artifacts(artifacts, device: str | None = None, batch: int = 1, remo
 
 
 def measure_plans(model: str, plans, target: str = "llvm", batch: int = 1, remote: Remote | None = None,
-                  table: LatencyTable | None = None, data="fashion-mnist", data_dir: str | None = None,
+                  table: LatencyTable | None = None, data=None, data_dir: str | None = None,
                   calib_batches: int = 4, repeat: int = 100, min_repeat_ms: int = 1, warmup: int = 10,
                   timeout: float = 60.0, artifacts_dir: str | Path | None = None, log=None) -> dict:
     """Compile ``plans`` (``[(Plan, name)]``) and the fp32 model for ``target`` and measure them all in
@@ -914,9 +923,12 @@ def measure_plans(model: str, plans, target: str = "llvm", batch: int = 1, remot
     from .backends.tvm import compile_model
     from .models import load_model
 
+    from .checks import require_data
+
     log = log or (lambda m: None)
     ts = resolve_target(target)
     loaded = load_model(model)
+    data = require_data(loaded, data, "calibrate it on")
     tmp = Path(tempfile.mkdtemp(prefix="cwhawq-measure-"))
     keep = Path(artifacts_dir) if artifacts_dir else None
     try:

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,25 @@ def zoo_names() -> list[str]:
     return sorted(nets.ZOO)
 
 
+def zoo_dataset(spec: str) -> str | None:
+    """The dataset spec a zoo model was trained on (``zoo:NAME``), None for any other spec."""
+    if not str(spec).startswith("zoo:"):
+        return None
+    name = str(spec)[4:]
+    if name not in nets.ZOO:
+        raise ModelError(f"unknown zoo model {name!r}; known: {', '.join('zoo:' + n for n in zoo_names())}")
+    return nets.ZOO[name][3]
+
+
+@contextlib.contextmanager
+def quiet_torch():
+    """Silence torch's FutureWarning about ``LeafSpec`` (torch 2.13), which loading a ``.pt2`` archive
+    and copying its graph module print on every run; nothing else is filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+        yield
+
+
 def _load_zoo(name: str) -> LoadedModel:
     if name not in nets.ZOO:
         raise ModelError(f"unknown zoo model {name!r}; known: {', '.join('zoo:' + n for n in zoo_names())}")
@@ -51,12 +72,15 @@ def _load_zoo(name: str) -> LoadedModel:
 
 
 def _load_pt2(path: Path) -> LoadedModel:
+    if path.is_dir():
+        raise ModelError(f"model {path} is a directory, not a .pt2 archive")
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     if not zipfile.is_zipfile(path):
         raise ModelError(f"{path} is not a torch.export archive (not a zip file; truncated or corrupt?)")
     try:
-        ep = torch.export.load(str(path))
+        with quiet_torch():
+            ep = torch.export.load(str(path))
     except Exception as e:
         raise ModelError(f"cannot load {path} with torch.export.load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     inputs = [s for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
@@ -67,8 +91,11 @@ def _load_pt2(path: Path) -> LoadedModel:
     if val is None or len(val.shape) != 4:
         raise ModelError(f"{path}: expected an image input N,C,H,W, got {getattr(val, 'shape', None)}")
     shape = tuple(int(d) for d in val.shape[1:])
-    module = ep.module()
-    return LoadedModel(str(path), module, shape, ep, {})
+    with quiet_torch():
+        module = ep.module()
+    from .io import sha256_file
+
+    return LoadedModel(str(path), module, shape, ep, {"sha256": sha256_file(path)})
 
 
 def load_model(spec: str) -> LoadedModel:

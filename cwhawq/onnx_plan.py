@@ -71,6 +71,8 @@ def plan_from_onnx(path) -> Plan:
     import onnx
 
     p = Path(path)
+    if p.is_dir():
+        raise PlanError(f"{p} is a directory, not an ONNX file")
     if not p.is_file():
         raise PlanError(f"ONNX file not found: {p}")
     try:
@@ -112,7 +114,8 @@ def plan_from_onnx(path) -> Plan:
                 raise PlanError(f"{p}: layer {lp.name}: the node annotations disagree with cwhawq.plan")
         order = {n: i for i, n in enumerate(base.names)}
         layers.sort(key=lambda lp: order[lp.name])
-        return Plan(layers, base.bit_set, base.model, base.method, base.budget, base.metrics, base.meta)
+        return Plan(layers, base.bit_set, base.model, base.method, base.budget, base.metrics, base.meta,
+                    base.model_sha256 or mmeta.get("cwhawq.model_sha256") or None)
     used = sorted({b for lp in layers for b in lp.w_bits + lp.a_bits})
 
     def _j(key):
@@ -121,4 +124,5 @@ def plan_from_onnx(path) -> Plan:
         except json.JSONDecodeError:
             return mmeta[key]
     return Plan(layers, tuple(used), mmeta.get("cwhawq.model") or None, mmeta.get("cwhawq.method") or None,
-                mmeta.get("cwhawq.budget") or None, {}, _j("cwhawq.search") or {})
+                mmeta.get("cwhawq.budget") or None, {}, _j("cwhawq.search") or {},
+                mmeta.get("cwhawq.model_sha256") or None)

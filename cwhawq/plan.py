@@ -3,8 +3,8 @@
 A plan gives every quantized layer the bits of each weight output channel and of each input
 activation channel. JSON (see docs/plans.md)::
 
-    {"format": "cwhawq-plan", "version": 1, "model": "zoo:resnet20-fmnist", "bit_set": [2, 4, 8],
-     "method": "cw-greedy", "budget": "size:0.125",
+    {"format": "cwhawq-plan", "version": 1, "model": "zoo:resnet20-fmnist", "model_sha256": null,
+     "bit_set": [2, 4, 8], "method": "cw-greedy", "budget": "size:0.125",
      "layers": [{"name": "conv1", "w_bits": [8, 4, ...], "a_bits": [8]}, ...],
      "metrics": {...}, "meta": {...}}
 """
@@ -21,6 +21,7 @@ from .errors import PlanError
 from .quantizers import BIT_CHOICES
 
 DEFAULT_BIT_SET = (2, 4, 8)
+PLAN_FORMAT, PLAN_VERSION = "cwhawq-plan", 1
 SCALE_BYTES = 4  # one float32 scale per output channel
 BUDGET_KINDS = ("size", "bits", "bops", "latency")
 
@@ -44,6 +45,7 @@ class Plan:
     budget: str | None = None
     metrics: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    model_sha256: str | None = None   # SHA-256 of the .pt2 the plan was made for (None: a zoo model)
 
     def __post_init__(self):
         self._by_name = {lp.name: lp for lp in self.layers}
@@ -56,7 +58,8 @@ class Plan:
         return [lp.name for lp in self.layers]
 
     def to_dict(self) -> dict:
-        return {"format": "cwhawq-plan", "version": 1, "model": self.model, "bit_set": list(self.bit_set),
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "model": self.model,
+                "model_sha256": self.model_sha256, "bit_set": list(self.bit_set),
                 "method": self.method, "budget": self.budget,
                 "layers": [lp.to_dict() for lp in self.layers], "metrics": self.metrics, "meta": self.meta}
 
@@ -103,10 +106,20 @@ def _bits_list(v, where: str, bit_set) -> list[int]:
 def plan_from_dict(d: dict, source: str = "plan") -> Plan:
     if not isinstance(d, dict):
         raise PlanError(f"{source}: a plan is a JSON object")
-    if d.get("format", "cwhawq-plan") != "cwhawq-plan":
+    if d.get("format", PLAN_FORMAT) != PLAN_FORMAT:
         raise PlanError(f"{source}: format {d.get('format')!r} is not a cwhawq plan")
+    if d.get("version", PLAN_VERSION) != PLAN_VERSION:
+        raise PlanError(f"{source}: plan version {d.get('version')!r} is not supported (this cwhawq reads "
+                        f"version {PLAN_VERSION})")
+    for key in ("model", "model_sha256", "method", "budget"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise PlanError(f"{source}: '{key}' must be a string or null, got {d[key]!r}")
+    for key in ("metrics", "meta"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise PlanError(f"{source}: '{key}' must be an object, got {type(d[key]).__name__}")
     bit_set = d.get("bit_set", list(DEFAULT_BIT_SET))
-    if not isinstance(bit_set, list) or not bit_set or any(b not in BIT_CHOICES for b in bit_set):
+    if (not isinstance(bit_set, list) or not bit_set
+            or any(isinstance(b, bool) or b not in BIT_CHOICES for b in bit_set)):
         raise PlanError(f"{source}: bit_set must be a list drawn from {list(BIT_CHOICES)}, got {bit_set!r}")
     layers = d.get("layers")
     if not isinstance(layers, list) or not layers:
@@ -122,17 +135,21 @@ def plan_from_dict(d: dict, source: str = "plan") -> Plan:
         out.append(LayerPlan(name, _bits_list(lp.get("w_bits"), f"layers[{name}].w_bits", bit_set),
                              _bits_list(lp.get("a_bits"), f"layers[{name}].a_bits", bit_set)))
     return Plan(out, tuple(sorted(int(b) for b in bit_set)), d.get("model"), d.get("method"), d.get("budget"),
-                d.get("metrics") or {}, d.get("meta") or {})
+                d.get("metrics") or {}, d.get("meta") or {}, d.get("model_sha256"))
 
 
 def load_plan(path) -> Plan:
     p = Path(path)
+    if p.is_dir():
+        raise PlanError(f"plan {p} is a directory, not a plan file")
     if not p.is_file():
         raise PlanError(f"plan file not found: {p}")
     try:
         d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"{p} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise PlanError(f"cannot read plan {p}: {e.strerror}") from None
     return plan_from_dict(d, str(p))
 
 

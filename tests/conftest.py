@@ -53,3 +53,14 @@ def write_npz(path, n=60, shape=(1, 8, 8), classes=3, seed=0, layout="nhw"):
         x = x[:, None]
     np.savez(path, x=x, y=y)
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra) -> dict:
+    """Environment for a ``python -m cwhawq.cli`` subprocess that runs this checkout's code (not an
+    installed copy): PYTHONPATH starts with the repository root."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -257,12 +258,16 @@ def test_bench_local_and_through_tracker(cluster, small):
 
 
 def _bench_and_signal(cluster, small, key, sig, number, timeout):
-    """Bench on a fresh server; ``sig`` its process group one second into the measurement."""
+    """Bench on a fresh server; ``sig`` its process group one second into the measurement.
+    Returns (error message, seconds from the signal to the error, seconds from the start of the
+    measuring step to the error)."""
     victim = cluster.server(key)
     hit = {}
 
     def on_step(label, step):
         if step == "measure" and "t" not in hit:
+            hit["t0"] = time.time()
+
             def fire():
                 time.sleep(1.0)
                 hit["t"] = time.time()
@@ -272,26 +277,39 @@ def _bench_and_signal(cluster, small, key, sig, number, timeout):
     with pytest.raises(BenchError) as ei:
         bench(small / "small.so", remote=Remote(HOST, cluster.port, key), warmup=5, repeat=10, number=number,
               timeout=timeout, on_step=on_step)
+    t_err = time.time()
     assert "t" in hit, f"failed before the measurement: {ei.value}"
-    print(f"\n{key}: {time.time() - hit['t']:.1f} s after the signal: {ei.value}")
-    return str(ei.value), time.time() - hit["t"]
+    print(f"\n{key}: {t_err - hit['t']:.1f} s after the signal, {t_err - hit['t0']:.1f} s into the "
+          f"measurement: {ei.value}")
+    return str(ei.value), t_err - hit["t"], t_err - hit["t0"]
 
 
 @pytest.mark.timeout(90)
 def test_server_killed_mid_measurement(cluster, small):
-    # ~10 s of planned measurement; the board is killed 1 s in
-    msg, after = _bench_and_signal(cluster, small, "victim", signal.SIGKILL, number=100000, timeout=20)
+    # the board is killed 1 s into the measurement: its closed connection is the error, not a deadline
+    # (which would be at least --timeout = 20 s after the measurement began)
+    msg, after, _ = _bench_and_signal(cluster, small, "victim", signal.SIGKILL, number=100000, timeout=20)
     assert "victim@" in msg and "measuring" in msg, msg
-    assert after < 10, f"error came {after:.1f} s after the kill"
+    assert "did not answer" not in msg, f"the kill was noticed only by the deadline: {msg}"
+    assert after < 20, f"error came {after:.1f} s after the kill, past the shortest possible deadline"
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(240)
 def test_server_hung_mid_measurement(cluster, small):
-    # a board that stops answering (SIGSTOP) is given up after timeout + 2 x the expected measurement
-    # (~3 s of planned measurement: the deadline is about 3 + 2 x 3 s after it starts)
-    msg, after = _bench_and_signal(cluster, small, "frozen", signal.SIGSTOP, number=30000, timeout=3)
-    assert "did not answer" in msg and "frozen@" in msg, msg
-    assert after < 25, f"error came {after:.1f} s after the board froze"
+    # a board that stops answering (SIGSTOP) is given up once the measuring step's deadline passes:
+    # --timeout + 2 x the measurement the warm-up calls predict (cwhawq/bench.py), so it depends on the
+    # speed of this CPU. The error names that deadline; the test holds the error to the deadline it
+    # names, not to a number of seconds.
+    msg, _, since_start = _bench_and_signal(cluster, small, "frozen", signal.SIGSTOP, number=30000, timeout=3)
+    assert "did not answer" in msg and "frozen@" in msg and "while measuring" in msg, msg
+    m = re.search(r"did not answer within (\d+) s", msg)
+    assert m, msg
+    deadline = float(m.group(1))            # printed rounded to the second
+    assert deadline >= 3, msg               # never below --timeout
+    assert since_start >= deadline - 0.5 - 0.1, f"given up {since_start:.1f} s into the measurement, before " \
+                                            f"its deadline: {msg}"
+    assert since_start <= 1.5 * deadline + 0.5, f"given up {since_start:.1f} s into the measurement, " \
+                                               f"long after its deadline: {msg}"
 
 
 @pytest.mark.timeout(240)

@@ -12,13 +12,13 @@ import torch
 from cwhawq import data as D
 from cwhawq.errors import DataError, ModelError
 from cwhawq.models import load_model, save_pt2
-from conftest import needs_fmnist, write_npz
+from conftest import cli_env, needs_fmnist, write_npz
 
 CLI = [sys.executable, "-m", "cwhawq.cli"]
 
 
 def run_cli(*args, **kw):
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300, env=cli_env(), **kw)
 
 
 def write_idx(path, arr):
@@ -138,3 +138,71 @@ def test_zoo_accuracy_on_fashion_mnist():
     assert json.loads(r.stdout)["accuracy"] >= 0.925
     r = run_cli("eval", "zoo:lenet-fmnist", "--json")
     assert json.loads(r.stdout)["accuracy"] >= 0.89
+
+
+def test_analyze_split_and_export_records_its_calibration(tmp_path, tiny):
+    """analyze --split picks the samples (all of an x,y .npz, not its 75% train part); export records the
+    data that calibrated it, and the model's sha256, in the ONNX metadata; plan from-onnx gives both back."""
+    import onnx
+    from click.testing import CliRunner
+
+    from cwhawq.cli import cli
+    from cwhawq.io import sha256_file
+
+    m, _, _ = tiny
+    save_pt2(m, (2, 5, 5), tmp_path / "tiny.pt2")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((60, 2, 5, 5)).astype(np.float32), y=rng.integers(0, 4, 60))
+    n_train = len(D.load(str(tmp_path / "d.npz"), "train"))
+    assert n_train < 60
+    base = ["analyze", str(tmp_path / "tiny.pt2"), "--data", str(tmp_path / "d.npz"), "--batch-size", "100",
+            "--max-probes", "8", "--json"]
+    for split, n in (("train", n_train), ("all", 60), ("test", 10)):
+        out = tmp_path / f"s_{split}.json"
+        r = CliRunner().invoke(cli, base + ["--split", split, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        sens = json.loads(out.read_text())
+        assert sens["split"] == split and sens["samples"] == n
+        assert sens["model_sha256"] == sha256_file(tmp_path / "tiny.pt2")
+    r = CliRunner().invoke(cli, ["plan", "uniform", str(tmp_path / "tiny.pt2"), "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "tiny.pt2"), "--plan", str(tmp_path / "p.json"), "--data",
+                                 str(tmp_path / "d.npz"), "--calib-batches", "1", "--verify", "0", "--out",
+                                 str(tmp_path / "q.onnx")])
+    assert r.exit_code == 0, r.output
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
+    calib = json.loads(meta["cwhawq.calibration"])
+    assert calib["data"] == str(tmp_path / "d.npz") and calib["split"] == "train"
+    assert calib["samples"] == min(128, n_train) and calib["calib_batches"] == 1
+    assert meta["cwhawq.model_sha256"] == sha256_file(tmp_path / "tiny.pt2")
+    r = CliRunner().invoke(cli, ["plan", "from-onnx", str(tmp_path / "q.onnx"), "--out", str(tmp_path / "back.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "back.json").read_text())["model_sha256"] == meta["cwhawq.model_sha256"]
+
+
+def test_which_data_a_model_gets(tmp_path):
+    """A zoo model (or an ONNX file exported from one) brings its dataset; any other model must be given
+    one: the error names --data."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cwhawq.checks import require_data
+
+    assert require_data("zoo:lenet-fmnist", None) == "fashion-mnist"
+    assert require_data("zoo:lenet-fmnist", "my.npz") == "my.npz"
+    with pytest.raises(ModelError, match="unknown zoo model"):
+        require_data("zoo:nope", None)
+    with pytest.raises(DataError, match="m.pt2 is not a zoo model: give the data to calibrate it on with --data"):
+        require_data(str(tmp_path / "m.pt2"), None, "calibrate it on")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    for src, want in (("zoo:lenet-fmnist", "fashion-mnist"), (str(tmp_path / "m.pt2"), None)):
+        m = helper.make_model(graph)
+        helper.set_model_props(m, {"cwhawq.model": src})
+        onnx.save(m, str(tmp_path / "e.onnx"))
+        if want:
+            assert require_data(str(tmp_path / "e.onnx"), None) == want
+        else:
+            with pytest.raises(DataError, match="--data"):
+                require_data(str(tmp_path / "e.onnx"), None)

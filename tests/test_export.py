@@ -287,10 +287,10 @@ def test_unsupported_grouped_conv(tmp_path):
     infos = canonicalize(m, (2, 5, 5)).layer_infos
     out = tmp_path / "g.onnx"
     with pytest.raises(ExportError, match="unsupported layer type"):
-        export_onnx(loaded, _mixed_plan(infos), out, data=_calib())
+        export_onnx(loaded, _mixed_plan(infos, model="grouped"), out, data=_calib())
     assert not out.exists()
     # one bit-width per grouped layer is fine
-    plan = _mixed_plan(infos)
+    plan = _mixed_plan(infos, model="grouped")
     plan.layers[1].w_bits = [4] * 4
     plan = Plan(plan.layers, plan.bit_set)
     export_onnx(loaded, plan, out, data=_calib())

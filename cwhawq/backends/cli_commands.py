@@ -60,7 +60,43 @@ def compile_text(res) -> str:
     return "\n".join(lines)
 
 
+def _read_npy(name: str, path: str) -> np.ndarray:
+    p = Path(path)
+    if p.is_dir():
+        raise CwhawqError(f"input {name}: {p} is a directory, not an .npy file")
+    if not p.is_file():
+        raise CwhawqError(f"input {name}: file not found: {p}")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except EOFError:
+        raise CwhawqError(f"input {name}: {p} is empty (not an .npy file)") from None
+    except (OSError, ValueError) as exc:
+        raise CwhawqError(f"cannot read input {name} from {p} as .npy: {str(exc).splitlines()[0]}") from None
+    if not isinstance(arr, np.ndarray):   # an .npz archive under another name
+        arr.close()
+        raise CwhawqError(f"input {name}: {p} is an .npz archive; pass it as --input FILE.npz")
+    return arr
+
+
+def _read_npz(path: str) -> dict:
+    import zipfile
+
+    p = Path(path)
+    if p.is_dir():
+        raise CwhawqError(f"input {p} is a directory, not an .npz file")
+    if not p.is_file():
+        raise CwhawqError(f"input file not found: {p}")
+    if not zipfile.is_zipfile(p):
+        raise CwhawqError(f"input {p} is not an .npz archive (not a zip file; truncated or corrupt?)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise CwhawqError(f"cannot read {p} as .npz: {str(exc).splitlines()[0]}") from None
+
+
 def _load_inputs(specs: list[dict], args: tuple[str, ...]) -> dict:
+    """Arrays by input name from ``--input`` arguments (FILE.npy in order, NAME=FILE.npy, FILE.npz)."""
     named, ordered = {}, []
     for a in args:
         if "=" in a and not Path(a).exists():
@@ -69,37 +105,107 @@ def _load_inputs(specs: list[dict], args: tuple[str, ...]) -> dict:
         else:
             ordered.append(a)
     out = {}
-    for path in ordered:
-        if path.endswith(".npz"):
-            with np.load(path) as z:
-                out.update({k: z[k] for k in z.files})
-            ordered = [p for p in ordered if p != path]
-    names = [s["name"] for s in specs if s["name"] not in out and s["name"] not in named]
+    for path in [p for p in ordered if p.endswith(".npz")]:
+        out.update(_read_npz(path))
+    ordered = [p for p in ordered if not p.endswith(".npz")]
+    known = [s["name"] for s in specs]
+    unknown = [k for k in list(named) + list(out) if k not in known]
+    if unknown:
+        raise CwhawqError(f"the artifact has no input {unknown[0]!r}; its inputs: {', '.join(known)}")
+    names = [n for n in known if n not in out and n not in named]
     if len(ordered) > len(names):
-        raise CwhawqError(f"too many inputs: the artifact takes {', '.join(s['name'] for s in specs)}")
+        raise CwhawqError(f"too many inputs: the artifact takes {', '.join(known)}")
     for name, path in list(zip(names, ordered)) + list(named.items()):
-        try:
-            out[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CwhawqError(f"cannot read input {name} from {path}: {exc}") from None
+        out[name] = _read_npy(name, path)
+    missing = [n for n in known if n not in out]
+    if missing:
+        raise CwhawqError(f"missing input(s): {', '.join(missing)} (the artifact takes {', '.join(known)})")
     return out
 
 
-def run_files(artifact: str, inputs: tuple[str, ...], out: str) -> dict:
-    """Load inputs from files, run the artifact, write the outputs; returns a summary."""
-    from .tvm import load_artifact  # noqa: PLC0415
+def check_inputs(specs: list[dict], feeds: dict) -> dict:
+    """Each array against its input spec: the shape, and the dtype. Floating-point arrays of another
+    width are cast (float64 -> float32); integer or boolean arrays are refused for a float input rather
+    than cast (a uint8 image is 0..255, while cwhawq's data loader feeds models 0..1)."""
+    out = {}
+    for s in specs:
+        name, arr = s["name"], np.asarray(feeds[s["name"]])
+        want = s["shape"]
+        if arr.ndim != len(want) or any(isinstance(w, int) and w != a for w, a in zip(want, arr.shape)):
+            raise CwhawqError(f"input {name!r} has shape {list(arr.shape)}, the artifact expects {want}")
+        if arr.size == 0:
+            raise CwhawqError(f"input {name!r} is empty (shape {list(arr.shape)})")
+        dt = np.dtype(s.get("dtype", "float32"))
+        if arr.dtype != dt:
+            if np.issubdtype(dt, np.floating) and np.issubdtype(arr.dtype, np.floating):
+                arr = arr.astype(dt)
+            elif np.issubdtype(dt, np.floating):
+                hint = " (images: x.astype('float32') / 255, as cwhawq's data loader scales uint8)" \
+                    if arr.dtype == np.uint8 else ""
+                raise CwhawqError(f"input {name!r} is {arr.dtype}, the artifact takes {dt}: convert it "
+                                  f"first{hint}")
+            else:
+                raise CwhawqError(f"input {name!r} is {arr.dtype}, the artifact takes {dt}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise CwhawqError(f"input {name!r} contains NaN or inf")
+        out[name] = arr
+    return out
 
+
+def _read_manifest(artifact: str) -> dict:
+    import json
+
+    from .tvm import manifest_path  # noqa: PLC0415
+
+    a = Path(artifact)
+    if a.is_dir():
+        raise CwhawqError(f"artifact {a} is a directory")
+    if not a.is_file():
+        raise CwhawqError(f"artifact not found: {a}")
+    mp = manifest_path(a)
+    if not mp.is_file():
+        raise CwhawqError(f"manifest not found next to the artifact: {mp}")
+    try:
+        man = json.loads(mp.read_text())
+        if not isinstance(man, dict):
+            raise ValueError("not a JSON object")
+        specs = man["inputs"]
+        if not isinstance(specs, list) or not all(isinstance(s, dict) and "name" in s and "shape" in s
+                                                  for s in specs):
+            raise ValueError("malformed 'inputs'")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CwhawqError(f"cannot read manifest {mp}: {exc}") from None
+    return man
+
+
+def run_files(artifact: str, inputs: tuple[str, ...], out: str) -> dict:
+    """Load inputs from files, run the artifact, write the outputs (atomically); returns a summary.
+
+    Everything about the files (the output path, every input file, its shape and dtype against the
+    manifest) is checked before the artifact is loaded."""
+    from ..checks import check_outputs
+    from ..io import atomic_path
+    from .tvm import load_artifact, manifest_path  # noqa: PLC0415
+
+    input_files = [a.split("=", 1)[1] if "=" in a and not Path(a).exists() else a for a in inputs]
+    check_outputs([("--out", out)], [("--input", f) for f in input_files]
+                  + [("ARTIFACT", artifact), ("its manifest", manifest_path(artifact))])
+    if not str(out).endswith((".npy", ".npz")):
+        raise CwhawqError(f"--out {out}: write the outputs to an .npy (one output) or .npz file")
+    man = _read_manifest(artifact)
+    feeds = check_inputs(man["inputs"], _load_inputs(man["inputs"], inputs))
     art = load_artifact(artifact)
-    feeds = _load_inputs(art.inputs, inputs)
+    n_out = len(art.outputs)
+    if not out.endswith(".npz") and n_out != 1:
+        raise CwhawqError(f"the artifact has {n_out} outputs: write them to an .npz file")
     t0 = time.perf_counter()
     ys = art.run(feeds)
     dt = time.perf_counter() - t0
     names = [o["name"] for o in art.outputs]
-    if out.endswith(".npz"):
-        np.savez(out, **dict(zip(names, ys)))
-    else:
-        if len(ys) != 1:
-            raise CwhawqError(f"the artifact has {len(ys)} outputs: write them to an .npz file")
-        np.save(out, ys[0])
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        if out.endswith(".npz"):
+            np.savez(f, **dict(zip(names, ys)))
+        else:
+            np.save(f, ys[0])
     return {"artifact": artifact, "device": art.device_kind, "seconds": dt,
             "outputs": [{"name": n, "shape": list(y.shape), "dtype": str(y.dtype)} for n, y in zip(names, ys)]}

@@ -89,7 +89,7 @@ def _round(x, nd=6):
     return None if x is None else round(float(x), nd)
 
 
-def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.125", episodes: int = 300,
+def search(model: str, data: str | None = None, sens=None, budget="size:0.125", episodes: int = 300,
            out: str | None = None, seed: int = 0, resume: bool = False, bits="2,4,8", a_bits="8",
            data_dir: str | None = None, log: str | None = None, checkpoint: str | None = None,
            checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
@@ -110,7 +110,8 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     from ..api import calibration_set, parse_bits
     from ..evaluate import check_input_shape
     from ..graph import qmodel_from_loaded
-    from ..hessian import load_sensitivity
+    from ..checks import (check_labels, check_same_model, load_sensitivity, model_classes, model_identity,
+                          require_data)
     from ..models import load_model
     from ..quantize import Quantizer
 
@@ -137,9 +138,16 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     cfg = DDPGConfig(**agent_options)
     if cfg.batch_size < 1 or cfg.buffer_size < 1 or cfg.hidden < 1 or cfg.warmup < 0:
         raise SearchError("batch_size, buffer_size and hidden must be >= 1, warmup >= 0")
+    for name, lo, hi, lo_open in (("lr_actor", 0, math.inf, True), ("lr_critic", 0, math.inf, True),
+                                  ("tau", 0, 1, True), ("discount", 0, 1, False), ("sigma", 0, math.inf, False),
+                                  ("sigma_decay", 0, 1, True), ("sigma_min", 0, math.inf, False),
+                                  ("baseline_alpha", 0, 1, False), ("init_action", 0, 1, False)):
+        v = float(getattr(cfg, name))
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+            raise SearchError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
     if sens is None:
         raise SearchError("the search needs a sensitivity file (--sens, from cwhawq analyze)")
-    sens_d = sens if isinstance(sens, dict) else load_sensitivity(sens)
+    sens_d = load_sensitivity(sens)
     sens_src = "sensitivity" if isinstance(sens, dict) else str(sens)
     out_p = Path(out) if out else None
     log_p = Path(log) if log else (out_p.with_suffix(".jsonl") if out_p else None)
@@ -149,6 +157,9 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
 
     # ---- model, data, environment
     loaded = load_model(model)
+    check_same_model(sens_d.get("model"), sens_d.get("model_sha256"), loaded,
+                     "the sensitivity" if isinstance(sens, dict) else f"sensitivity file {sens}")
+    data = require_data(loaded, data, "search on")
     qm = qmodel_from_loaded(loaded)
     infos = qm.layer_infos
     sensitivity_by_layer(sens_d, infos, sens_src)
@@ -163,9 +174,12 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     env = QuantSearchEnv(infos, sens_d, bud, cost, w_set, a_set, enforce=enforce, action_margin=action_margin)
     val = D.load(data, "val", data_dir).subset(val_samples)
     check_input_shape(loaded.input_shape, val)
+    check_labels(val, model_classes(loaded))
     calib = calibration_set(data, data_dir, calib_batches)
     quantizer = Quantizer(qm, calib, act_scale=act_scale)
     train = D.load(data, "train", data_dir) if finetune_steps else None
+    if train is not None:
+        check_labels(train, model_classes(loaded))
     evaluator = PlanEvaluator(qm, quantizer, val, reward, finetune_steps=finetune_steps, train=train, w_bits=w_set)
     agent = DDPG(env.state_dim, env.action_dim, cfg, seed=seed)
 
@@ -250,6 +264,7 @@ def search(model: str, data: str = "fashion-mnist", sens=None, budget="size:0.12
     # ---- the best plan
     plan = plan_from_dict(best["plan"], "search")
     plan.model, plan.method, plan.budget = model, "ddpg", str(bud)
+    plan.model_sha256 = model_identity(loaded)[1]
     metrics = plan_metrics(plan, infos)
     metrics[cost.metric] = cost.exact(plan)
     if not bud.satisfied(metrics):  # cannot happen: every plan is enforced exactly
