@@ -46,7 +46,7 @@ class Cluster:
         self.port = _free_port()
         self.tracker = self._spawn(["-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port", str(self.port),
                                     "--port-end", str(self.port + 1), "--silent"], "tracker")
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while True:
             try:
                 socket.create_connection((HOST, self.port), timeout=1).close()
@@ -75,7 +75,7 @@ class Cluster:
         port = _free_port()
         p = self._spawn(["-m", "tvm.exec.rpc_server", "--host", HOST, "--port", str(port), "--port-end",
                          str(port + 1), "--tracker", f"{HOST}:{self.port}", "--key", key], f"server-{key}")
-        deadline = time.time() + 30
+        deadline = time.time() + 120  # a server imports TVM first: slow on a loaded 2-core machine
         while self.free(key) <= before:
             if time.time() > deadline or p.poll() is not None:
                 raise RuntimeError(f"RPC server {key} did not register")
