@@ -7,6 +7,19 @@ from . import data as D
 from .errors import ModelError
 
 
+_SIMULATE = ("calibration_set", "simulate_plan", "parse_bits")
+
+
+def __getattr__(name):
+    """``api.calibration_set``, ``api.simulate_plan``, ``api.parse_bits``: re-exported from
+    :mod:`cwhawq.simulate`, imported on first use (it loads torch; ``cwhawq bench``/``run`` do not need it)."""
+    if name in _SIMULATE:
+        from . import simulate
+
+        return getattr(simulate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _file(spec) -> str | None:
     """The file behind a model spec (a .pt2 or .onnx path; None for zoo:NAME), for output checks."""
     s = str(spec) if spec is not None else ""
@@ -46,6 +59,8 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
     if plan is None:
         rep["accuracy"] = accuracy(loaded.module, ds, batch_size)
         return rep
+    from .simulate import simulate_plan
+
     qm, p, sim = simulate_plan(loaded, plan, data, data_dir, calib_batches, act_scale, finetune_epochs)
     if finetune_epochs:
         rep["finetune_epochs"] = finetune_epochs
@@ -53,40 +68,6 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
     rep["plan"] = str(plan) if not hasattr(plan, "layers") else "<plan>"
     rep.update({k: v for k, v in p.compute_metrics(qm.layer_infos).items() if k in ("avg_w_bits", "avg_a_bits", "size_ratio")})
     return rep
-
-
-def calibration_set(data="fashion-mnist", data_dir: str | None = None, calib_batches: int = 4) -> "D.Dataset":
-    """The samples that calibrate activation ranges whenever a plan is simulated (eval --plan, export):
-    ``calib_batches`` x 128 samples of the train split (seeded subset, seed 1). A Dataset is used as is."""
-    if isinstance(data, D.Dataset):
-        return data
-    return D.load(data, "train", data_dir).subset(calib_batches * 128, seed=1)
-
-
-def simulate_plan(loaded, plan, data=None, data_dir: str | None = None, calib_batches: int = 4,
-                  act_scale: str = "pow2", finetune_epochs: int = 0):
-    """(QModel, Plan, QuantizedModel): ``plan`` (path or Plan) checked against a LoadedModel (the model it
-    was made for, its layers) and simulated with the shared calibration (:func:`calibration_set`; ``data``
-    None: a zoo model's own dataset), optionally fine-tuned (QAT)."""
-    from .checks import check_labels, check_plan_model, model_classes, require_data
-    from .graph import qmodel_from_loaded
-    from .plan import load_plan
-    from .quantize import finetune, quantize_model
-
-    p = load_plan(plan) if not hasattr(plan, "layers") else plan
-    check_plan_model(p, loaded, f"plan {plan}" if not hasattr(plan, "layers") else "the plan")
-    data = require_data(loaded, data, "calibrate it on")
-    qm = qmodel_from_loaded(loaded)
-    p.validate(qm.layer_infos)
-    if finetune_epochs and isinstance(data, D.Dataset):
-        raise ModelError("fine-tuning needs a dataset spec (its train split), not a Dataset object")
-    train = D.load(data, "train", data_dir) if finetune_epochs else None
-    if train is not None:
-        check_labels(train, model_classes(loaded))
-    sim = quantize_model(qm, p, calibration_set(data, data_dir, calib_batches), act_scale=act_scale)
-    if train is not None:
-        finetune(sim, train, epochs=finetune_epochs)
-    return qm, p, sim
 
 
 def analyze(model: str, data: str | None = None, out: str | None = None, data_dir: str | None = None,
@@ -137,22 +118,6 @@ def analyze(model: str, data: str | None = None, out: str | None = None, data_di
     return sens
 
 
-def parse_bits(s) -> tuple[int, ...]:
-    from .errors import PlanError
-    from .quantizers import BIT_CHOICES
-
-    if isinstance(s, (tuple, list)):
-        vals = list(s)
-    else:
-        try:
-            vals = [int(v) for v in str(s).split(",") if v.strip()]
-        except ValueError:
-            raise PlanError(f"bit set {s!r} does not parse: use e.g. 2,4,8") from None
-    if not vals or any(v not in BIT_CHOICES for v in vals):
-        raise PlanError(f"bit set {s!r}: bit-widths must come from {list(BIT_CHOICES)}")
-    return tuple(sorted(set(vals)))
-
-
 def _latency_table(t):
     """None, a :class:`cwhawq.latency.LatencyTable`, or a table file to load."""
     from .latency import LatencyTable
@@ -170,6 +135,7 @@ def make_plan(method: str, model: str, sens=None, budget: str | None = None, bit
     from .graph import qmodel_from_loaded
     from .models import load_model
     from .plan import parse_budget
+    from .simulate import parse_bits
 
     if method not in B.METHODS:
         raise PlanError(f"unknown plan method {method!r}: use one of {', '.join(B.METHODS)}")

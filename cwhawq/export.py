@@ -38,7 +38,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
+from .checks import (check_labels, check_outputs, check_plan_model, data_file, load_sensitivity, model_classes,
+                     require_data)
+from .data import load as load_data
 from .errors import CwhawqError, ExportError
+from .evaluate import check_input_shape, predict
+from .graph import qmodel_from_loaded
+from .io import atomic_path
+from .models import LoadedModel, load_model
+from .plan import load_plan
+from .simulate import calibration_set, simulate_plan
 
 FORMATS = ("qdq", "int8-container")
 MIN_OPSET = 17          # int8-container and 8/6-bit-only plans (per-axis Q/DQ exists since 13)
@@ -159,7 +168,7 @@ def _sens_summary(entry: dict | None, w_idx=None) -> dict | None:
 
 
 # ===================================================================================== torch export
-def _torch_export(qm, input_shape, opset: int) -> onnx.ModelProto:
+def torch_export(qm, input_shape, opset: int) -> onnx.ModelProto:
     """The float graph of the QModel (hooks removed) from torch's exporter, batch symbolic."""
     import torch
 
@@ -674,7 +683,7 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
                 eval_split: str | None = None, eval_limit: int | None = None, batch_size: int = 500) -> dict:
     """Export ``model`` (zoo:NAME, .pt2 or a LoadedModel) under ``plan`` (path or Plan) to ``out``.
 
-    The plan is simulated exactly as ``cwhawq eval --plan`` does (:func:`cwhawq.api.simulate_plan`;
+    The plan is simulated exactly as ``cwhawq eval --plan`` does (:func:`cwhawq.simulate.simulate_plan`;
     ``data`` is a dataset spec or a Dataset used as the calibration set; None: a zoo model's own
     dataset, any other model must be given its data). The data that calibrated the file is recorded in
     its ``cwhawq.calibration`` annotation. ``verify`` samples of the
@@ -682,12 +691,6 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
     (e.g. "test") also measures both accuracies on that split and records them in ``cwhawq.accuracy``.
     Returns a summary dict (layers, bits, sizes, opset, comparison). Nothing is written on error.
     """
-    from . import api
-    from .io import atomic_path
-    from .models import LoadedModel, load_model
-
-    from .checks import check_labels, check_outputs, data_file, load_sensitivity, model_classes, require_data
-
     t0 = time.time()
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: use {' or '.join(FORMATS)}")
@@ -708,31 +711,24 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
     else:
         raise ExportError("model must be a spec (zoo:NAME, .pt2) or a LoadedModel")
     if not hasattr(plan, "layers"):
-        from .plan import load_plan
-
         plan_src = str(plan)
         plan = load_plan(plan)
     else:
         plan_src = "<plan>"
     opset = _check_opset(plan, fmt, opset)
-    from .checks import check_plan_model
-    from .evaluate import check_input_shape
-
     check_plan_model(plan, loaded, f"plan {plan_src}" if plan_src != "<plan>" else "the plan")
     data = require_data(loaded, data, "calibrate it on")
-    calib = api.calibration_set(data, data_dir, calib_batches)
+    calib = calibration_set(data, data_dir, calib_batches)
     check_input_shape(loaded.input_shape, calib)
     if sens is not None:
         sens = load_sensitivity(sens, loaded)
     eval_ds = None
     if eval_split:
-        from .data import load as load_data
-
         eval_ds = load_data(data, eval_split, data_dir).subset(eval_limit)
         check_labels(eval_ds, model_classes(loaded))
-    qm, plan, sim = api.simulate_plan(loaded, plan, data if finetune_epochs else calib, data_dir, calib_batches,
+    qm, plan, sim = simulate_plan(loaded, plan, data if finetune_epochs else calib, data_dir, calib_batches,
                                       act_scale, finetune_epochs)
-    float_model = _torch_export(qm, loaded.input_shape, opset)
+    float_model = torch_export(qm, loaded.input_shape, opset)
     fp32_file = len(float_model.SerializeToString())
     m = copy.deepcopy(float_model)
     reports = build_model(m, qm, sim, fmt, opset, sens)
@@ -772,14 +768,10 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
         model_meta[k if k.startswith("cwhawq.") else f"cwhawq.{k}"] = v if isinstance(v, str) else json.dumps(v)
     check = None
     if verify:
-        from .evaluate import predict
-
         sub = calib.subset(min(int(verify), len(calib)), seed=2)
         check = compare_logits(predict(qm, sub, batch_size), _ort_logits(sess, sub.x, batch_size))
     accuracy = None
     if eval_split:
-        from .evaluate import predict
-
         ds = eval_ds
         ref = predict(qm, ds, batch_size)
         got = _ort_logits(sess, ds.x, batch_size)
@@ -853,19 +845,13 @@ def export_fp32(model, out, opset: int = 18) -> Path:
     The fp32 baseline of the same graph that :func:`export_onnx` writes, for onnxruntime and TVM
     latency comparisons.
     """
-    from .graph import qmodel_from_loaded
-    from .io import atomic_path
-    from .models import LoadedModel, load_model
-
-    from .checks import check_outputs
-
     if isinstance(model, str) and model.endswith(".onnx"):
         raise ExportError(f"{model}: export takes a PyTorch model (zoo:NAME or .pt2), not ONNX")
     check_outputs([("--out", out)], [("MODEL", model if isinstance(model, str) and not model.startswith("zoo:")
                                       else None)])
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     qm = qmodel_from_loaded(loaded, check=False)  # float only: any layer the graph can run is fine
-    proto = _torch_export(qm, loaded.input_shape, opset)
+    proto = torch_export(qm, loaded.input_shape, opset)
     _set_meta(proto, {"cwhawq.version": __version__, "cwhawq.model": loaded.spec,
                       "cwhawq.model_sha256": str(loaded.info.get("sha256") or ""), "cwhawq.format": "fp32"})
     onnx.checker.check_model(proto)

@@ -2,7 +2,7 @@
 to fp32 on the same samples.
 
 - The plan is installed with the shared :class:`cwhawq.quantize.Quantizer` (activation ranges
-  calibrated once, exactly as ``cwhawq eval --plan`` does: :func:`cwhawq.api.calibration_set`,
+  calibrated once, exactly as ``cwhawq eval --plan`` does: :func:`cwhawq.simulate.calibration_set`,
   4 x 128 train samples, seed 1; per-bit weights cached, so a plan installs in a few ms).
 - It is evaluated on a fixed subset of the ``val`` split (default the first 1000 samples of its
   seeded permutation: ``data.load(spec, 'val').subset(1000)``), in batches of 250.

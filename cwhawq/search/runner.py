@@ -29,9 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import data as D
+from ..checks import check_labels, check_same_model, load_sensitivity, model_classes, model_identity, require_data
 from ..errors import CwhawqError
+from ..evaluate import check_input_shape
+from ..graph import qmodel_from_loaded
 from ..io import atomic_path, write_text
+from ..models import load_model
 from ..plan import Budget, parse_budget, plan_from_dict, plan_metrics
+from ..quantize import Quantizer
+from ..simulate import calibration_set, parse_bits
 from .costs import make_cost_model
 from .ddpg import DDPG, DDPGConfig
 from .env import ENFORCE_MODES, QuantSearchEnv, sensitivity_by_layer
@@ -52,8 +59,6 @@ class SearchError(CwhawqError):
 
 def parse_a_bits(a_bits, bit_set) -> tuple[int, ...]:
     """``8`` (all channels), ``mixed`` (the weight bit set) or a list such as ``4,8``."""
-    from ..api import parse_bits
-
     if isinstance(a_bits, int):
         return parse_bits([a_bits])
     if str(a_bits).strip() == "mixed":
@@ -106,15 +111,6 @@ def search(model: str, data: str | None = None, sens=None, budget="size:0.125", 
     (the predicted latency ratio) to the accuracy reward (see :mod:`cwhawq.search.reward`). ``enforce`` (``omega`` or ``layers``) and
     ``action_margin``: see :mod:`cwhawq.search.env`. ``on_episode(record)`` is called after every episode.
     """
-    from .. import data as D
-    from ..api import calibration_set, parse_bits
-    from ..evaluate import check_input_shape
-    from ..graph import qmodel_from_loaded
-    from ..checks import (check_labels, check_same_model, load_sensitivity, model_classes, model_identity,
-                          require_data)
-    from ..models import load_model
-    from ..quantize import Quantizer
-
     t_start = time.perf_counter()
     # ---- options (cheap checks first)
     bud = budget if isinstance(budget, Budget) else parse_budget(budget)
