@@ -1,10 +1,11 @@
 """The Python API: one function per command, mirroring the CLI's options."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from . import data as D
-from .errors import ModelError
+from .errors import ModelError, PlanError
 
 
 _SIMULATE = ("calibration_set", "simulate_plan", "parse_bits")
@@ -127,43 +128,34 @@ def _latency_table(t):
 
 def make_plan(method: str, model: str, sens=None, budget: str | None = None, bits="2,4,8", w_bits: int = 8,
               a_bits="8", out: str | None = None, latency_table=None) -> "Plan":
-    """A baseline plan (uniform, hawq-v3, cw-greedy) for a model under a budget (``latency:R`` with
-    ``latency_table``, a file or :class:`cwhawq.latency.LatencyTable`: uniform and hawq-v3)."""
+    """A baseline plan (uniform, hawq-v3, cw-greedy: any planner of :data:`cwhawq.baselines.PLANNERS`) for a
+    model under a budget (``latency:R`` with ``latency_table``, a file or :class:`cwhawq.latency.LatencyTable`:
+    uniform and hawq-v3)."""
     from . import baselines as B
     from .checks import check_outputs, load_sensitivity, model_identity
-    from .errors import PlanError
     from .graph import qmodel_from_loaded
     from .models import load_model
     from .plan import parse_budget
     from .simulate import parse_bits
 
-    if method not in B.METHODS:
-        raise PlanError(f"unknown plan method {method!r}: use one of {', '.join(B.METHODS)}")
+    planner = B.get_planner(method)
     check_outputs([("--out", out)],
                   [("MODEL", _file(model)), ("--sens", sens if isinstance(sens, (str, Path)) else None),
                    ("--latency-table", latency_table if isinstance(latency_table, (str, Path)) else None)])
     bit_set = parse_bits(bits)
     bud = parse_budget(budget) if budget else None
-    a = _parse_a_bits(a_bits)
-    if method == "uniform" and int(w_bits) not in _bit_choices():
-        raise PlanError(f"--w-bits {w_bits}: weight bits must come from {list(_bit_choices())}")
+    cfg = B.PlanConfig(budget=bud, bit_set=bit_set, a_bits=_parse_a_bits(a_bits), w_bits=w_bits)
+    if planner.check is not None:
+        planner.check(cfg)
     loaded = load_model(model)
     infos = qmodel_from_loaded(loaded).layer_infos
     table = _latency_table(latency_table)
-    if method == "uniform":
-        if a == "mixed":
-            raise PlanError("uniform plans take one activation bit-width (--a-bits N)")
-        plan = B.uniform(infos, int(w_bits), a, bud, bit_set, latency=table)
-    else:
-        if bud is None:
-            raise PlanError(f"{method} needs --budget")
-        if sens is None:
-            raise PlanError(f"{method} needs --sens (from cwhawq analyze)")
-        s = load_sensitivity(sens, loaded)
-        if method == "hawq-v3":
-            plan = B.hawq_v3(infos, s, bud, bit_set, a, latency=table)
-        else:
-            plan = B.cw_greedy(infos, s, bud, bit_set, a)
+    if planner.needs_budget and bud is None:
+        raise PlanError(f"{method} needs --budget")
+    if planner.needs_sens and sens is None:
+        raise PlanError(f"{method} needs --sens (from cwhawq analyze)")
+    s = load_sensitivity(sens, loaded) if planner.needs_sens else None
+    plan = planner.make(infos, s, dataclasses.replace(cfg, latency=table))
     plan.model, plan.model_sha256 = model_identity(loaded)
     if out:
         plan.save(out)
@@ -178,8 +170,6 @@ def _bit_choices():
 
 def _parse_a_bits(a_bits):
     """--a-bits of the baselines: 'mixed' or one bit-width from the bit choices."""
-    from .errors import PlanError
-
     if str(a_bits) == "mixed":
         return "mixed"
     try:

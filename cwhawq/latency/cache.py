@@ -19,7 +19,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "cwhawq" / "latency"
 
 
-_CODE_FILES = ("export.py", "quantizers.py", "kernels", "backends")
+_CODE_FILES = ("export.py", "onnx_graph.py", "simulate.py", "quantizers.py", "kernels", "backends")
 
 
 def tool_version() -> dict:
