@@ -404,6 +404,8 @@ def _fold_target(view: OnnxGraph, L: _Layer, layers_by_node: dict[int, _Layer]):
     t = L.node.output[0]
     expand = 1
     const_perms = []
+    if not _channels_on_axis_1(L):  # the channel-wise operators below are followed on axis 1 only
+        return None
     for _ in range(64):
         if t in view.outputs:
             return None
@@ -413,7 +415,7 @@ def _fold_target(view: OnnxGraph, L: _Layer, layers_by_node: dict[int, _Layer]):
         n = cons[0]
         M = layers_by_node.get(id(n))
         if M is not None:
-            if n.input[0] != t:
+            if n.input[0] != t or not _channels_on_axis_1(M):
                 return None
             if M.kind.flattens_input:
                 return (M, expand, const_perms) if M.info.in_channels == C * expand else None
@@ -487,6 +489,10 @@ def _fold_target(view: OnnxGraph, L: _Layer, layers_by_node: dict[int, _Layer]):
             return None
         t = n.output[0]
     return None
+
+
+def _channels_on_axis_1(L: _Layer) -> bool:
+    return L.kind.channel_axis(len(L.info.in_shape) + 1) == 1
 
 
 def _expand_perm(perm: np.ndarray, e: int) -> np.ndarray:
