@@ -184,12 +184,14 @@ def worker(runtime: str, jobs: list[dict], rounds: int, repeat: int, out: Path) 
         import onnxruntime as ort
 
         for j in jobs:
-            sess = ort.InferenceSession(j["path"], providers=["CPUExecutionProvider"])
-            inp = sess.get_inputs()[0]
-            feeds = {inp.name: _input(inp.shape, j["batch"])}
-
-            def t(sess=sess, feeds=feeds):
-                sess.run(None, feeds)
+            # a session per measurement: every session owns a spinning thread pool, and idle pools of
+            # the other variants would compete with the one being timed
+            def t(path=j["path"], batch=j["batch"]):
+                sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+                inp = sess.get_inputs()[0]
+                feeds = {inp.name: _input(inp.shape, batch)}
+                for _ in range(3):
+                    sess.run(None, feeds)
                 t0 = time.perf_counter()
                 n = 0
                 while True:

@@ -82,15 +82,6 @@ def test_float_layout_roundtrip():
     np.testing.assert_array_equal(packing.unpack_float_weight(data, 19, 23), w)
 
 
-def test_acc_bound_decides_the_integer_path():
-    q = np.full((16, 600), 127)
-    g = P.WeightGroup(out_index=np.arange(16), scale=np.ones(16, np.float32), codes=q)
-    sh = np.full(600, 7)
-    sh[0] = 0
-    wide = P.ActQuant.build(np.float32(0.01) * np.exp2(sh).astype(np.float32), 0, 0, 255, 600)
-    assert P.LinearOp(k=600, n_out=16, groups=[g], act=wide).mode == "float"  # 600*127*32640 > 2^31
-    narrow = P.ActQuant.build(np.float32(0.01), 0, 0, 255, 600)
-    assert P.LinearOp(k=600, n_out=16, groups=[g], act=narrow).mode == "int"
 
 
 # ===================================================================================== TVM kernels
@@ -347,6 +338,23 @@ def test_exponent_classes_give_one_digit(isa):
     del geom
 
 
+@pytest.mark.tvm
+@pytest.mark.parametrize("isa", sorted({"x86_avx2", "x86_avx512_vnni", "generic", HOST_ISA} & set(CPU_ISAS)))
+def test_sums_beyond_int32_spill_exactly_into_float(isa):
+    """A reduction whose int32 sum could overflow (600 x 127 x 32640 > 2^31) is cut into chunks
+    that cannot, each chunk's exact sum added into float accumulators: no wraparound."""
+    from cwhawq.kernels.isa import get
+
+    op = _wide_op()
+    k = op.k
+    assert op.mode == "int" and get(isa).strategies(op)[0].spill_every
+    x = np.full((3, k), 1e3, np.float32)  # saturates every channel: the worst case
+    x[1] = RNG.normal(size=k) * 40
+    with _emulated(isa):
+        y = _run(emit.linear_module(op, isa, batch=3), x)
+    _close(y, op.reference(x), tol=1e-6)
+
+
 # ===================================================================================== code generation
 def _asm(mod, target) -> str:
     lib = tvm.compile(mod, target=target)
@@ -385,10 +393,24 @@ def test_portable_fallback_is_flagged():
     assert not I.get("x86_avx2").portable
 
 
+def _wide_op():
+    """A reduction whose int32 sum could overflow: 600 x 127 x 32640 > 2^31."""
+    k, n = 600, 20
+    sh = np.full(k, 7)
+    sh[:3] = 0
+    act = P.ActQuant.build(np.float32(0.01) * np.exp2(sh).astype(np.float32), 0, 0, 255, k)
+    q = np.full((n, k), 127)
+    q[1::2] = -127
+    g = P.WeightGroup(out_index=np.arange(n), scale=np.full(n, 0.01, np.float32), codes=q)
+    return P.LinearOp(k=k, n_out=n, groups=[g], act=act)
+
+
 @pytest.mark.tvm
-def test_cuda_dp4a_codegen():
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "spill"])
+def test_cuda_dp4a_codegen(wide):
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}})
-    op = P.LinearOp(k=64, n_out=40, groups=_groups(40, 64, [8, 4, 2]), act=_act("s8", 64))
+    op = _wide_op() if wide else P.LinearOp(k=64, n_out=40, groups=_groups(40, 64, [8, 4, 2]), act=_act("s8", 64))
+    assert (op.acc_bound() > P.INT32_MAX) == wide
     lib = tvm.compile(emit.linear_module(op, "cuda", batch=4), target=target)
     mod = lib.mod if hasattr(lib, "mod") else lib
 
@@ -397,4 +419,7 @@ def test_cuda_dp4a_codegen():
         for x in m.imports:
             yield from sources(x)
 
-    assert "__dp4a" in "".join(sources(mod))
+    src = "".join(sources(mod))
+    assert "__dp4a" in src
+    if wide:  # each word's exact dot product goes into a float accumulator
+        assert "((float)__dp4a(" in src.replace(" ", ""), src[:3000]

@@ -33,6 +33,7 @@ from .packing import BLOCK_N, WORD_K
 from .problem import LinearOp
 
 ACT_DTYPES = {"i16": "int16", "u8": "uint8", "s8": "int8", "f32": "float32"}
+INT32_MAX_SAFE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,85 @@ class Strategy:
     def shift(self, t, bits: int) -> None:
         """Multiply every int32 accumulator by ``2^bits`` (segmented reductions)."""
         raise NotImplementedError(f"{type(self).__name__} has no segmented reduction")
+
+    # ---- int32 overflow: exact partial sums spilled into float accumulators
+    def int_buffers(self, t) -> list:
+        """The integer accumulator buffers (zeroed after a spill)."""
+        out = []
+        for key in ("acc", "a16", "a32"):
+            out += t.state.get(key, [])
+        return out
+
+    def _digit_max(self) -> int:
+        fmt, act = self.fmt, self.op.act
+        if fmt.segments is not None:
+            return 255
+        vmin, vmax = act.value_range()
+        return max(abs(vmin - fmt.offset), abs(vmax - fmt.offset))
+
+    def int_bound(self) -> int:
+        """Largest |int32 accumulator| over the reduction (before the offset correction)."""
+        if self.op.mode != "int" or not self.g.quantized:
+            return 0
+        q = np.abs(self.kernel_codes().astype(np.float64))
+        seg = self.fmt.segments
+        if seg is None:
+            return int(q.sum(axis=1).max() * self._digit_max())
+        w = np.zeros(q.shape[1])
+        for (k0, k1), e in zip(segment_k_ranges(self.op, seg), seg.shifts):
+            w[k0:k1] = 255.0 * 2.0 ** (e - seg.shifts[-1])
+        return int((q @ w).max())
+
+    @property
+    def spill_every(self) -> int | None:
+        """Words between spills (None: the whole reduction fits int32)."""
+        if not hasattr(self, "_spill"):
+            self._spill = None
+            if self.int_bound() > INT32_MAX_SAFE:
+                qmax = int(np.abs(self.kernel_codes().astype(np.int64)).max()) or 1
+                per_word = WORD_K * qmax * self._digit_max()
+                self._spill = max(1, INT32_MAX_SAFE // per_word)
+        return self._spill
+
+    def flush_interval(self) -> int | None:
+        vals = [v for v in (self.flush_every, self.spill_every) if v]
+        return min(vals) if vals else None
+
+    def flush_point(self, t) -> None:
+        if self.flush_every:
+            self.flush(t)
+        if self.spill_every:
+            self.spill(t)
+
+    def begin_all(self, t) -> None:
+        self.begin(t)
+        if self.spill_every:
+            t.state["facc"] = self.zero_acc(t, t.mtc * t.ntc, 16, "float32")
+
+    def spill(self, t) -> None:
+        T = t.T
+        for mi in range(t.mtc):
+            for nt in range(t.ntc):
+                self.acc_add(t, t.state["facc"], mi * t.ntc + nt, 16, T.Cast("float32x16", self.result(t, mi, nt)))
+        for b in self.int_buffers(t):
+            lanes = int(b.shape[0])
+            T.buffer_store(b, T.broadcast(t.tirx.const(0, str(b.dtype)), lanes), [T.ramp(0, 1, lanes)])
+
+    def shift_all(self, t, bits: int) -> None:
+        if not self.spill_every:
+            self.shift(t, bits)
+            return
+        self.spill(t)  # the int32 accumulators are zero now: scale the float partial sums (exact)
+        T = t.T
+        for i in range(t.mtc * t.ntc):
+            self.acc_set(t, t.state["facc"], i, 16, self.acc_get(t, t.state["facc"], i, 16)
+                         * T.broadcast(T.float32(2.0 ** bits), 16))
+
+    def final(self, t, mi: int, nt: int):
+        r = self.result(t, mi, nt)
+        if not self.spill_every:
+            return r
+        return self.acc_get(t, t.state["facc"], mi * t.ntc + nt, 16) + t.T.Cast("float32x16", r)
 
     def tile(self, expected_rows: int) -> TileShape:
         """The largest register tile that fits (accumulators + live weights + activations),
@@ -536,7 +616,7 @@ def core_func(op: LinearOp, strategies: list[Strategy], expected_rows: int, name
 def _emit_tile(t: TileCtx, lay: Layout, op: LinearOp) -> None:
     """Accumulate one register tile over the whole reduction (segment by segment)."""
     s = t.s
-    s.begin(t)
+    s.begin_all(t)
     step = s.k_step
     seg = s.fmt.segments
     if lay.kind == "dense":
@@ -549,10 +629,10 @@ def _emit_tile(t: TileCtx, lay: Layout, op: LinearOp) -> None:
             [(lay.geom.taps * st // step, sz // step, st) for st, sz in zip(seg.starts, seg.sizes)]
     for i, (w0, words, c0) in enumerate(plan):
         _emit_segment(t, lay, op, w0, words, c0)
-        if s.flush_every:
-            s.flush(t)
+        if s.flush_interval():
+            s.flush_point(t)
         if seg is not None and i + 1 < len(plan):
-            s.shift(t, seg.shifts[i] - seg.shifts[i + 1])
+            s.shift_all(t, seg.shifts[i] - seg.shifts[i + 1])
 
 
 def _emit_segment(t: TileCtx, lay: Layout, op: LinearOp, w0: int, words: int, c0: int) -> None:
@@ -561,7 +641,7 @@ def _emit_segment(t: TileCtx, lay: Layout, op: LinearOp, w0: int, words: int, c0
     after the segment)."""
     T, tirx, s = t.T, t.tirx, t.s
     step = s.k_step
-    fe = s.flush_every
+    fe = s.flush_interval()
 
     def dense_words(first, count):
         with T.serial(c64(0), c64(count)) as wi:
@@ -575,7 +655,7 @@ def _emit_segment(t: TileCtx, lay: Layout, op: LinearOp, w0: int, words: int, c0
                 with T.serial(c64(0), c64(fe)) as wi:
                     w = T.Bind(ch * c64(fe) + wi)
                     s.word(t, T.Bind(c64(w0) + w), lay.act_loader(T, tirx, c64(c0) + w * c64(step)))
-                s.flush(t)
+                s.flush_point(t)
             if rest:
                 dense_words(full * fe, rest)
         else:
@@ -605,8 +685,8 @@ def _emit_segment(t: TileCtx, lay: Layout, op: LinearOp, w0: int, words: int, c0
             for first in range(0, words, fe):
                 tap_words(tap, first, min(fe, words - first))
                 if first + fe < words:
-                    s.flush(t)
-            s.flush(t)
+                    s.flush_point(t)
+            s.flush_point(t)
         return
     tpf = max(1, fe // words)  # taps between flushes
     full, rest = divmod(g.taps, tpf)
@@ -614,7 +694,7 @@ def _emit_segment(t: TileCtx, lay: Layout, op: LinearOp, w0: int, words: int, c0
         with T.serial(c64(0), c64(full)) as to:
             with T.serial(c64(0), c64(tpf)) as tin:
                 tap_words(T.Bind(to * c64(tpf) + tin), 0, words)
-            s.flush(t)
+            s.flush_point(t)
     if rest:
         with T.serial(c64(0), c64(rest)) as tin:
             tap_words(T.Bind(c64(full * tpf) + tin), 0, words)
@@ -681,9 +761,12 @@ class _Epilogue:
             bi = self.epi[c64(1), T.ramp(pos, c64(1), 16)]
             vals = []
             for mi in range(mtc):
-                r = s.result(t, mi, nt)
+                r = s.final(t, mi, nt)
                 if self.corr is not None:
-                    r = T.Cast("float32x16", r + self.corr[T.ramp(pos, c64(1), 16)])
+                    if dtype_of(r) == "float32x16":  # spilled partial sums: add the correction in float
+                        r = r + T.Cast("float32x16", self.corr[T.ramp(pos, c64(1), 16)])
+                    else:
+                        r = T.Cast("float32x16", r + self.corr[T.ramp(pos, c64(1), 16)])
                 elif dtype_of(r) != "float32x16":
                     r = T.Cast("float32x16", r)
                 vals.append(r)
@@ -926,7 +1009,9 @@ def row_tables(op: LinearOp, strategies: list[Strategy]) -> dict[str, np.ndarray
         corr.append(cs)
     epi = np.stack([np.concatenate(scales), np.concatenate(biases)]).astype(np.float32)
     corr_all = np.concatenate(corr)
-    corr_all = ((corr_all + 2**31) % 2**32 - 2**31).astype(np.int32)  # int32 wraparound
+    if any(s.spill_every for s in strategies) and corr_all.size and np.abs(corr_all).max() > INT32_MAX_SAFE:
+        raise ValueError("the activation offset correction of a spilling layer exceeds int32")
+    corr_all = ((corr_all + 2**31) % 2**32 - 2**31).astype(np.int32)  # int32 wraparound (exact mod 2^32)
     oidx_all = np.concatenate(oidx).astype(np.int32)
     blocks = oidx_all.reshape(-1, BLOCK_N)
     contiguous = np.all(blocks[:, 1:] - blocks[:, :1] == np.arange(1, BLOCK_N), axis=1) & (blocks[:, 0] >= 0)

@@ -14,6 +14,7 @@ import numpy as np
 
 from .core import ActFormat, Layout, Strategy, c64, ib
 from .isa import Isa, register
+from .problem import INT32_MAX
 from .packing import BLOCK_N, WORD_K, RecordLayout, pack_float_weight, pack_records
 
 
@@ -124,24 +125,32 @@ def _thread(T, tirx, op, g, mode, fmt, lay, W, row, lane, nb, epi, corr, oidx, r
     pos = T.Bind(c64(row0) + nb * c64(BLOCK_N) + lane)
     if mode == "int":
         nd = fmt.digits
-        accs = [T.alloc_buffer((1,), "int32", scope="local") for _ in range(nd)]
+        # the exact sum may leave int32 (wide activation exponents x long reductions): then each
+        # word's exact dp4a is added into a float accumulator instead (the CPU cores spill chunks)
+        spill = op.acc_bound() > INT32_MAX
+        acc_t = "float32" if spill else "int32"
+        accs = [T.alloc_buffer((1,), acc_t, scope="local") for _ in range(nd)]
         for a in accs:
-            T.buffer_store(a, T.int32(0), [0])
+            T.buffer_store(a, tirx.const(0, acc_t), [0])
 
         def body(kw, aload):
             w = T.Bind(_signed_word(T, W, nb, kw, lane, g.bits))
             for d in range(nd):
                 aw = T.reinterpret("int32", aload(d, row, WORD_K))
-                T.buffer_store(accs[d], T.call_pure_extern("int32", "__dp4a", w, aw, accs[d][0]), [0])
+                if spill:
+                    dot = T.call_pure_extern("int32", "__dp4a", w, aw, T.int32(0))
+                    T.buffer_store(accs[d], accs[d][0] + T.Cast("float32", dot), [0])
+                else:
+                    T.buffer_store(accs[d], T.call_pure_extern("int32", "__dp4a", w, aw, accs[d][0]), [0])
 
         _for_words(T, tirx, lay, op, WORD_K, body)
         r = None
         for d in range(nd):
             v = accs[d][0]
             if d:
-                v = T.shift_left(v, T.int32(8 * d))
+                v = v * T.float32(2.0 ** (8 * d)) if spill else T.shift_left(v, T.int32(8 * d))
             r = v if r is None else r + v
-        f = T.Cast("float32", r + corr[pos])
+        f = r + T.Cast("float32", corr[pos]) if spill else T.Cast("float32", r + corr[pos])
     else:
         acc = T.alloc_buffer((1,), "float32", scope="local")
         T.buffer_store(acc, T.float32(0), [0])

@@ -14,8 +14,8 @@ Integer semantics
     ``q = clip(nearbyint(x / s_c) + zp_c, qmin_c, qmax_c)`` per input channel (ONNX
     QuantizeLinear after the exporter's clipping Max/Min), ``v = (q - zp_c) << k_c`` on the layer's
     grid ``s_c = S * 2^k_c``, ``y[m, o] = S * s_w[o] * sum_k q_w[o, k] v[m, k] + b[o]``. The sum is
-    exact in int32 when :meth:`LinearOp.acc_bound` is below 2^31 (checked per layer; otherwise the
-    layer runs the float path).
+    exact in int32 when its bound (``Strategy.int_bound``) is below 2^31; otherwise the kernels add
+    exact int32 partial sums of bounded chunks of the reduction into float accumulators.
 """
 from __future__ import annotations
 
@@ -453,7 +453,7 @@ class LinearOp:
         """``int`` (integer kernels), ``float`` (codes dequantized to float in registers) or ``fp32``."""
         if not self.quantized:
             return "fp32"
-        if self.act is not None and self.act.integer and self.acc_bound() <= INT32_MAX:
+        if self.act is not None and self.act.integer:
             return "int"
         return "float"
 
