@@ -206,10 +206,8 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
     updates_per_step, greedy_every), ``latency`` (a latency cost model) and ``on_episode`` (callback per
     episode record). See docs/search.md.
     """
-    import json
-
     from .bench import parse_rpc
-    from .latency import LatencyError, build_table, measure_plans
+    from .latency import LatencyError
     from .plan import parse_budget
     from .search import search as _search
 
@@ -231,10 +229,37 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
     if sens is None:
         raise CwhawqError("the search needs a sensitivity file (--sens, from cwhawq analyze)")
     load_sensitivity(sens)   # a bad file fails here, before any latency is measured
+    want = None
     if target is not None:   # a bad target fails here, before anything is measured
         from .backends.targets import resolve_target
 
         want = resolve_target(target).name
+    table = _search_table(model, target, want, latency_table, rpc, remote, out,
+                          latency_batch, latency_grid, data, data_dir, calib_batches, cache_dir, timeout, echo)
+    if bud.kind == "latency" and table is None and options.get("latency") is None:
+        raise LatencyError(f"budget {bud} needs a latency table: give --target T (measured here, or on boards "
+                           f"with --rpc HOST:PORT --key K) or --latency-table FILE (cwhawq latency-table)")
+    if table is not None:
+        options["latency"] = table
+    if latency_weight is None:
+        latency_weight = 1.0 if table is not None else 0.0
+    plan = _search(model, data, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed, resume=resume,
+                   bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
+                   checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
+                   finetune_steps=finetune_steps, calib_batches=calib_batches, act_scale=act_scale,
+                   progress=progress, latency_weight=latency_weight, **options)
+    if table is None or target is None or not measure:
+        return plan
+    _measure_final(plan, model, table, target, remote, out, data, data_dir, calib_batches, timeout, echo)
+    return plan
+
+
+def _search_table(model, target, want, latency_table, rpc, remote, out, latency_batch, latency_grid, data,
+                  data_dir, calib_batches, cache_dir, timeout, echo):
+    """The latency table of a search: ``latency_table`` as given (checked against the target), or built
+    for ``target`` (beside ``out`` as ``.latency.json``), or None."""
+    from .latency import LatencyError, build_table
+
     table = None
     if latency_table is not None:
         table = _latency_table(latency_table)
@@ -250,20 +275,16 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
                             calib_batches=calib_batches, cache_dir=cache_dir, timeout=timeout, log=echo)
     elif rpc is not None:
         raise LatencyError("--rpc needs --target (the target the boards run)")
-    if bud.kind == "latency" and table is None and options.get("latency") is None:
-        raise LatencyError(f"budget {bud} needs a latency table: give --target T (measured here, or on boards "
-                           f"with --rpc HOST:PORT --key K) or --latency-table FILE (cwhawq latency-table)")
-    if table is not None:
-        options["latency"] = table
-    if latency_weight is None:
-        latency_weight = 1.0 if table is not None else 0.0
-    plan = _search(model, data, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed, resume=resume,
-                   bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
-                   checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
-                   finetune_steps=finetune_steps, calib_batches=calib_batches, act_scale=act_scale,
-                   progress=progress, latency_weight=latency_weight, **options)
-    if table is None or target is None or not measure:
-        return plan
+    return table
+
+
+def _measure_final(plan, model, table, target, remote, out, data, data_dir, calib_batches, timeout, echo) -> None:
+    """Compile and measure the search's final plan and the fp32 model on the target; the numbers go into
+    ``plan.meta["latency"]``, the plan file and, as a last ``{"final": true}`` line, the search log."""
+    import json
+
+    from .latency import measure_plans
+
     echo("compiling and measuring the final plan and the fp32 model")
     name = Path(out).stem if out else "search"
     res = measure_plans(model, [(plan, name)], target, batch=int(table.data["batch"]), remote=remote, table=table,
@@ -282,7 +303,6 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
         with open(log_p, "a") as f:
             f.write(json.dumps({"final": True, "episode": plan.meta["search"]["episodes"], "plan": out,
                                 "latency": plan.meta["latency"]}) + "\n")
-    return plan
 
 
 def bench(artifact: str, device: str | None = None, rpc: str | None = None, key: str | None = None,

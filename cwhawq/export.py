@@ -718,6 +718,70 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
 
 
 # ===================================================================================== entry point
+def _build_and_open(float_model, qm, sim, fmt: str, opset: int, sens):
+    """The quantized graph (on a copy of torch's float graph), checked, and an onnxruntime session on it:
+    (model, session, format, layer reports, fallback note). A runtime that cannot run INT4/INT2
+    DequantizeLinear gets the same graph with INT8 containers (the note says so)."""
+    m = copy.deepcopy(float_model)
+    reports = build_model(m, qm, sim, fmt, opset, sens)
+    _check_onnx(m)
+    try:
+        return m, _ort_session(m.SerializeToString()), fmt, reports, None
+    except ExportError as exc:
+        if fmt != "qdq" or not any(t.data_type in (TensorProto.INT4, _INT2) for t in m.graph.initializer):
+            raise
+        import onnxruntime
+
+        fallback = (f"onnxruntime {onnxruntime.__version__} cannot run INT4/INT2 weights ({exc}); wrote "
+                    f"--format int8-container instead")
+    fmt = "int8-container"
+    m = float_model
+    reports = build_model(m, qm, sim, fmt, opset, sens)
+    _check_onnx(m)
+    return m, _ort_session(m.SerializeToString()), fmt, reports, fallback
+
+
+def _model_meta(plan, loaded, fmt, data, calib, calib_batches, act_scale, finetune_epochs) -> dict:
+    """The file's ``cwhawq.*`` annotations (docs/onnx-format.md)."""
+    return {
+        "cwhawq.version": __version__,
+        "cwhawq.format": fmt,
+        "cwhawq.plan": json.dumps(plan.to_dict()),
+        "cwhawq.model": str(plan.model or loaded.spec),
+        "cwhawq.model_sha256": str(plan.model_sha256 or loaded.info.get("sha256") or ""),
+        "cwhawq.budget": str(plan.budget or ""),
+        "cwhawq.method": str(plan.method or ""),
+        "cwhawq.search": json.dumps(plan.meta or {}),
+        "cwhawq.accuracy": json.dumps((plan.metrics or {}).get("accuracy")),
+        "cwhawq.calibration": json.dumps({"data": data if isinstance(data, str) else calib.name,
+                                          "split": "train" if isinstance(data, str) else calib.split,
+                                          "samples": len(calib), "seed": 1, "calib_batches": calib_batches,
+                                          "act_scale": act_scale, "finetune_epochs": finetune_epochs}),
+    }
+
+
+def _summary(out, loaded, plan, plan_src, qm, m, fmt, opset, reports, fp32_file, size, check, accuracy, fallback,
+             t0) -> dict:
+    """What :func:`export_onnx` returns (and ``cwhawq export`` prints)."""
+    nparams = sum(int(i.params) for i in qm.layer_infos)
+    hist: dict[str, float] = {}
+    for i in qm.layer_infos:
+        for b, c in _hist(plan[i.name].w_bits).items():
+            hist[b] = hist.get(b, 0.0) + c * i.weight_elems_per_channel / nparams
+    return {
+        "out": str(out), "model": loaded.spec, "plan": plan_src, "format": fmt, "opset": opset,
+        "ir_version": int(m.ir_version), "layers": reports,
+        "w_bits_hist": dict(sorted(hist.items(), key=lambda kv: -int(kv[0]))),
+        "fp32_weight_bytes": sum(r["fp32_bytes"] for r in reports),
+        "packed_weight_bytes": sum(r["packed_bytes"] for r in reports),
+        "fp32_file_bytes": fp32_file, "file_bytes": size,
+        "gathers": sum(r["unperm"] == "gather" for r in reports) + sum(
+            1 for n in m.graph.node if n.name.endswith("/perm_in")),
+        "folded": sum(r["unperm"].startswith("folded") for r in reports),
+        "verify": check, "accuracy": accuracy, "fallback": fallback, "seconds": round(time.time() - t0, 3),
+    }
+
+
 def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None = None,
                 meta: dict | None = None, *, data_dir: str | None = None, calib_batches: int = 4,
                 act_scale: str = "pow2", finetune_epochs: int = 0, sens=None, verify: int = 64,
@@ -768,43 +832,11 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
         eval_ds = load_data(data, eval_split, data_dir).subset(eval_limit)
         check_labels(eval_ds, model_classes(loaded))
     qm, plan, sim = simulate_plan(loaded, plan, data if finetune_epochs else calib, data_dir, calib_batches,
-                                      act_scale, finetune_epochs)
+                                  act_scale, finetune_epochs)
     float_model = torch_export(qm, loaded.input_shape, opset)
     fp32_file = len(float_model.SerializeToString())
-    m = copy.deepcopy(float_model)
-    reports = build_model(m, qm, sim, fmt, opset, sens)
-    _check_onnx(m)
-    fallback = None
-    try:
-        sess = _ort_session(m.SerializeToString())
-    except ExportError as exc:
-        if fmt != "qdq" or not any(t.data_type in (TensorProto.INT4, _INT2) for t in m.graph.initializer):
-            raise
-        # a runtime without INT4/INT2 DequantizeLinear: the same graph with INT8 containers
-        import onnxruntime
-
-        fallback = (f"onnxruntime {onnxruntime.__version__} cannot run INT4/INT2 weights ({exc}); wrote "
-                    f"--format int8-container instead")
-        fmt = "int8-container"
-        m = float_model
-        reports = build_model(m, qm, sim, fmt, opset, sens)
-        _check_onnx(m)
-        sess = _ort_session(m.SerializeToString())
-    model_meta = {
-        "cwhawq.version": __version__,
-        "cwhawq.format": fmt,
-        "cwhawq.plan": json.dumps(plan.to_dict()),
-        "cwhawq.model": str(plan.model or loaded.spec),
-        "cwhawq.model_sha256": str(plan.model_sha256 or loaded.info.get("sha256") or ""),
-        "cwhawq.budget": str(plan.budget or ""),
-        "cwhawq.method": str(plan.method or ""),
-        "cwhawq.search": json.dumps(plan.meta or {}),
-        "cwhawq.accuracy": json.dumps((plan.metrics or {}).get("accuracy")),
-        "cwhawq.calibration": json.dumps({"data": data if isinstance(data, str) else calib.name,
-                                          "split": "train" if isinstance(data, str) else calib.split,
-                                          "samples": len(calib), "seed": 1, "calib_batches": calib_batches,
-                                          "act_scale": act_scale, "finetune_epochs": finetune_epochs}),
-    }
+    m, sess, fmt, reports, fallback = _build_and_open(float_model, qm, sim, fmt, opset, sens)
+    model_meta = _model_meta(plan, loaded, fmt, data, calib, calib_batches, act_scale, finetune_epochs)
     for k, v in (meta or {}).items():
         model_meta[k if k.startswith("cwhawq.") else f"cwhawq.{k}"] = v if isinstance(v, str) else json.dumps(v)
     check = None
@@ -825,23 +857,8 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
     with atomic_path(out) as tmp:
         onnx.save_model(m, str(tmp))
         size = Path(tmp).stat().st_size
-    nparams = sum(int(i.params) for i in qm.layer_infos)
-    hist: dict[str, float] = {}
-    for i in qm.layer_infos:
-        for b, c in _hist(plan[i.name].w_bits).items():
-            hist[b] = hist.get(b, 0.0) + c * i.weight_elems_per_channel / nparams
-    return {
-        "out": str(out), "model": loaded.spec, "plan": plan_src, "format": fmt, "opset": opset,
-        "ir_version": int(m.ir_version), "layers": reports,
-        "w_bits_hist": dict(sorted(hist.items(), key=lambda kv: -int(kv[0]))),
-        "fp32_weight_bytes": sum(r["fp32_bytes"] for r in reports),
-        "packed_weight_bytes": sum(r["packed_bytes"] for r in reports),
-        "fp32_file_bytes": fp32_file, "file_bytes": size,
-        "gathers": sum(r["unperm"] == "gather" for r in reports) + sum(
-            1 for n in m.graph.node if n.name.endswith("/perm_in")),
-        "folded": sum(r["unperm"].startswith("folded") for r in reports),
-        "verify": check, "accuracy": accuracy, "fallback": fallback, "seconds": round(time.time() - t0, 3),
-    }
+    return _summary(out, loaded, plan, plan_src, qm, m, fmt, opset, reports, fp32_file, size, check, accuracy,
+                    fallback, t0)
 
 
 def summary_text(rep: dict) -> str:

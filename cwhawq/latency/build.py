@@ -74,6 +74,86 @@ def _check_plan_spec(spec, infos):
     return load_plan(s), Path(s).name
 
 
+def _layer_shapes(qm, ranges) -> tuple[dict[str, LayerShape], list[dict]]:
+    """The distinct layer shapes (by id) and the table's per-layer entries (shape, calibrated ranges)."""
+    shapes: dict[str, LayerShape] = {}
+    layers = []
+    for info in qm.layer_infos:
+        signed = bool((ranges[info.name]["min"] < 0).any())
+        shp = LayerShape.of_layer(info, qm.layer(info.name), signed)
+        shapes.setdefault(shp.id, shp)
+        layers.append({"name": info.name, "shape": shp.id, "a_signed": signed,
+                       "a_ranges": [float(v) for v in ranges[info.name]["range"]]})
+    return shapes, layers
+
+
+def _cells(shapes: dict[str, LayerShape], base: dict, grid: int, qm, model) -> tuple[list[_Cell], _Cell]:
+    """Every measurement of the table: per shape fp32 and each grid point at each digit count, and the
+    whole fp32 model (the last cell, also returned)."""
+    cells: list[_Cell] = []
+    for sid, shp in shapes.items():
+        f = {**base, "layer": shp.to_dict(), "bits": None}
+        cells.append(_Cell(LatencyCache.key(f), f, f"{shp.describe()} fp32", sid, None, None, shp))
+        for d in shp.digit_variants():
+            for pt in grid_points(grid):
+                counts = point_counts(pt, grid, shp.out_channels)
+                f = {**base, "layer": shp.to_dict(), "bits": {str(k): v for k, v in counts.items()}, "digits": d}
+                mix = "/".join(f"{b}:{counts[b]}" for b in BIT_CLASSES if counts[b])
+                cells.append(_Cell(LatencyCache.key(f), f, f"{shp.describe()} w[{mix}] D{d}", sid, d, pt, shp))
+    f = {**base, "model": _model_fingerprint(qm), "bits": None}
+    model_cell = _Cell(LatencyCache.key(f), f, f"{model} fp32 (whole model)")
+    cells.append(model_cell)
+    return cells, model_cell
+
+
+def _from_cache(cells: list[_Cell], cache: LatencyCache) -> tuple[dict[str, list[_Cell]], list[_Cell]]:
+    """Cells grouped by key (one measurement per distinct key: equal grid counts on small layers
+    collapse), cached results filled in; and one cell per key still to measure."""
+    by_key: dict[str, list[_Cell]] = {}
+    for c in cells:
+        by_key.setdefault(c.key, []).append(c)
+    todo = []
+    for key, group in by_key.items():
+        rec = cache.get(key)
+        if rec is not None:
+            for c in group:
+                c.result, c.cached = rec, True
+        else:
+            todo.append(group[0])
+    return by_key, todo
+
+
+def _measurement_order(todo: list[_Cell], arts: list[Path], model_cell: _Cell) -> list[tuple[_Cell, Path]]:
+    """The cells in measuring order, the whole model's WHOLE_MODEL_ROUNDS rounds spread over them
+    (first, middle, last)."""
+    seq = [(c, art) for c, art in zip(todo, arts) if c is not model_cell]
+    if model_cell in todo:
+        m = (model_cell, arts[todo.index(model_cell)])
+        n = len(seq)
+        at = sorted({round(r * n / max(1, WHOLE_MODEL_ROUNDS - 1)) for r in range(WHOLE_MODEL_ROUNDS)},
+                    reverse=True) if WHOLE_MODEL_ROUNDS > 1 else [0]
+        for pos in at:
+            seq.insert(pos, m)
+        seq += [m] * (WHOLE_MODEL_ROUNDS - len(at))
+    return seq
+
+
+def _record(c: _Cell, runs: list, group: list[_Cell], cache: LatencyCache) -> None:
+    """Cache one cell's measurement (the least-contended round of a whole model) and give it to every
+    cell of the same key."""
+    rs = sorted(runs, key=lambda r: summarize(r["results_s"])["median_s"])
+    res = rs[0]
+    rec = {**summarize(res["results_s"]), "results_s": res["results_s"], "board": res.get("board"),
+           "label": c.label, "digits": c.fields.get("digits"), "lowered": c.fields.get("_lowered"),
+           "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "key": {k: v for k, v in c.fields.items() if not k.startswith("_")}}
+    if len(rs) > 1:
+        rec["round_medians_s"] = [summarize(r["results_s"])["median_s"] for r in runs]
+    cache.put(c.key, rec)
+    for cc in group:
+        cc.result = rec
+
+
 def build_table(model: str, target: str = "llvm", out: str | Path | None = None, batch: int = 1,
                 remote: Remote | None = None, grid: int = DEFAULT_GRID, data=None,
                 data_dir: str | None = None, calib_batches: int = 4, cache_dir: str | Path | None = None,
@@ -115,41 +195,10 @@ def build_table(model: str, target: str = "llvm", out: str | Path | None = None,
     base = {"batch": int(batch), "target": ts.config, "device": ts.device, "where": where, "tool": tool}
     cache = LatencyCache(cache_dir)
 
-    shapes: dict[str, LayerShape] = {}
-    layers = []
-    for info in infos:
-        signed = bool((ranges[info.name]["min"] < 0).any())
-        shp = LayerShape.of_layer(info, qm.layer(info.name), signed)
-        shapes.setdefault(shp.id, shp)
-        layers.append({"name": info.name, "shape": shp.id, "a_signed": signed,
-                       "a_ranges": [float(v) for v in ranges[info.name]["range"]]})
+    shapes, layers = _layer_shapes(qm, ranges)
+    cells, model_cell = _cells(shapes, base, grid, qm, model)
 
-    cells: list[_Cell] = []
-    for sid, shp in shapes.items():
-        f = {**base, "layer": shp.to_dict(), "bits": None}
-        cells.append(_Cell(LatencyCache.key(f), f, f"{shp.describe()} fp32", sid, None, None, shp))
-        for d in shp.digit_variants():
-            for pt in grid_points(grid):
-                counts = point_counts(pt, grid, shp.out_channels)
-                f = {**base, "layer": shp.to_dict(), "bits": {str(k): v for k, v in counts.items()}, "digits": d}
-                mix = "/".join(f"{b}:{counts[b]}" for b in BIT_CLASSES if counts[b])
-                cells.append(_Cell(LatencyCache.key(f), f, f"{shp.describe()} w[{mix}] D{d}", sid, d, pt, shp))
-    f = {**base, "model": _model_fingerprint(qm), "bits": None}
-    model_cell = _Cell(LatencyCache.key(f), f, f"{model} fp32 (whole model)")
-    cells.append(model_cell)
-
-    # one measurement per distinct key (equal grid counts on small layers collapse)
-    by_key: dict[str, list[_Cell]] = {}
-    for c in cells:
-        by_key.setdefault(c.key, []).append(c)
-    todo = []
-    for key, group in by_key.items():
-        rec = cache.get(key)
-        if rec is not None:
-            for c in group:
-                c.result, c.cached = rec, True
-        else:
-            todo.append(group[0])
+    by_key, todo = _from_cache(cells, cache)
     n_cached = len(by_key) - len(todo)
     log(f"{len(infos)} layers, {len(shapes)} distinct shapes, {len(by_key)} measurements: {n_cached} cached, "
         f"{len(todo)} to measure ({'local' if remote is None else str(remote)}); cache {cache.root}")
@@ -165,20 +214,6 @@ def build_table(model: str, target: str = "llvm", out: str | Path | None = None,
         runs.setdefault(c.key, []).append(res)
         log(f"  {c.label}: {summarize(res['results_s'])['median_s'] * 1e6:.1f} us ({res.get('board')})")
 
-    def record(c: _Cell) -> None:
-        """Cache one cell's measurement (the least-contended round of a whole model)."""
-        rs = sorted(runs[c.key], key=lambda r: summarize(r["results_s"])["median_s"])
-        res = rs[0]
-        rec = {**summarize(res["results_s"]), "results_s": res["results_s"], "board": res.get("board"),
-               "label": c.label, "digits": c.fields.get("digits"), "lowered": c.fields.get("_lowered"),
-               "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "key": {k: v for k, v in c.fields.items() if not k.startswith("_")}}
-        if len(rs) > 1:
-            rec["round_medians_s"] = [summarize(r["results_s"])["median_s"] for r in runs[c.key]]
-        cache.put(c.key, rec)
-        for cc in by_key[c.key]:
-            cc.result = rec
-
     try:
         with pool:
             # 1. compile everything (in ``jobs`` processes), 2. measure everything: a measurement
@@ -192,15 +227,7 @@ def build_table(model: str, target: str = "llvm", out: str | Path | None = None,
                 pool.start(wait=True)
             if todo:
                 log(f"compiled {len(todo)} models in {time.time() - t0:.0f} s; measuring")
-            seq = [(c, art) for c, art in zip(todo, arts) if c is not model_cell]
-            if model_cell in todo:
-                m = (model_cell, arts[todo.index(model_cell)])
-                n = len(seq)
-                at = sorted({round(r * n / max(1, WHOLE_MODEL_ROUNDS - 1)) for r in range(WHOLE_MODEL_ROUNDS)},
-                            reverse=True) if WHOLE_MODEL_ROUNDS > 1 else [0]
-                for pos in at:
-                    seq.insert(pos, m)
-                seq += [m] * (WHOLE_MODEL_ROUNDS - len(at))
+            seq = _measurement_order(todo, arts, model_cell)
             for k, (c, art) in enumerate(seq, 1):
                 job = make_job(art, ts.device, batch, remote=remote, label=f"[{k}/{len(seq)}] {c.label}", **meas)
                 jid = f"{art}#{k}"
@@ -211,7 +238,7 @@ def build_table(model: str, target: str = "llvm", out: str | Path | None = None,
             for j, r in pool.drain():
                 finish(j, r)
             for c in todo:
-                record(c)
+                _record(c, runs[c.key], by_key[c.key], cache)
             table = _assemble(model, ts, batch, remote, grid, tool, meas, shapes, layers, cells, model_cell)
             stats = {"measurements": len(by_key), "cached": n_cached, "measured": len(todo),
                      "boards": len({r.get("board") for rs in runs.values() for r in rs})}
