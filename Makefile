@@ -52,8 +52,10 @@ aarch64: $(STAMP)
 demo: install
 	$(VENV)/bin/cwhawq demo
 
+# the suite runs its files on one pytest-xdist worker per core (TEST_JOBS=1: one process)
+TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 # speed and accuracy measurements (long; each writes its table under docs/)
 bench: install
@@ -62,6 +64,7 @@ bench: install
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_gemv.py
 	$(PY) benchmarks/bench_resnet20.py
+	$(PY) benchmarks/bench_vs_onnxruntime.py --also-avx2
 	$(PY) benchmarks/bench_latency.py
 
 clean:

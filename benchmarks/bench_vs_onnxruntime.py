@@ -287,6 +287,7 @@ def main():
     ap.add_argument("--also-avx2", action="store_true", help="also compile for -mcpu=haswell (AVX2)")
     ap.add_argument("--json", default=str(ROOT / "docs" / "kernels-vs-ort.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "kernels.md"))
+    ap.add_argument("--build-only", action="store_true", help="build the exports and artifacts, time nothing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--jobs", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -307,6 +308,9 @@ def main():
         print(f"[{m}] building", flush=True)
         variants += build_model(m, work, a.quick, targets, a.episodes)
         batches[m] = [1] if (a.quick or m != "resnet20") else [1, 16]
+    if a.build_only:
+        print(f"built {len(variants)} variants in {work}")
+        return
     results = time_all(variants, batches, 2 if a.quick else a.rounds, a.repeat, work)
     text = table(variants, results, batches, info)
     print(text)

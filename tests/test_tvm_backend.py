@@ -302,6 +302,45 @@ def test_every_activation_path_exact_on_saturating_inputs(tmp, backend):
             assert float(np.abs(y - ref).max()) <= 1e-5 * scale, (name, float(np.abs(y - ref).max()), scale)
 
 
+@pytest.mark.parametrize("quantized", [True, False], ids=["w8a8", "fp32"])
+def test_clip_fuses_into_the_layer(tmp, backend, quantized):
+    """ReLU6-style Clip(0, hi) and Clip(-, hi) after a layer run in its epilogue (no separate
+    maximum/minimum passes), on inputs far outside the calibrated range."""
+    bld = _Builder("qdq", 5)
+    rng = bld.rng
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])
+    lo6 = bld._t(np.float32(0.0), "lo6")
+    hi6 = bld._t(np.float32(6.0), "hi6")
+    hi2 = bld._t(np.float32(1.5), "hi2")
+    w1 = rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * 0.3
+    w2 = rng.normal(size=(16, 16, 1, 1)).astype(np.float32) * 0.3
+    b = rng.normal(size=16).astype(np.float32) * 0.1
+    if quantized:
+        t = bld.qlayer("conv1", "x", "conv", w1, b, np.full(16, 8), np.full(8, 8), True, np.full(8, 3.0),
+                       {"pads": [1, 1, 1, 1]})
+    else:
+        t = bld.node("Conv", ["x", bld._t(w1, "w1"), bld._t(b, "b1")], name="conv1", pads=[1, 1, 1, 1]).output[0]
+    bld.node("Clip", [t, lo6, hi6], ["y0"], name="relu6")
+    if quantized:
+        t = bld.qlayer("conv2", "y0", "conv", w2, b, _bits(rng, 16), np.full(16, 8), False, rng.uniform(1, 6, 16))
+    else:
+        t = bld.node("Conv", ["y0", bld._t(w2, "w2"), bld._t(b, "b2")], name="conv2").output[0]
+    bld.node("Clip", [t, "", hi2], ["y1"], name="clip_hi")
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 16, 6, 6]) for n in ("y0", "y1")]
+    m = bld.model([x], outs)
+    p = tmp / f"clip_{quantized}.onnx"
+    onnx.save(m, str(p))
+    res = backend.compile_model(p, "llvm", tmp / f"clip_{quantized}.so")
+    fused = [set(s["fused"]) for s in res.report["lowered"]]
+    assert fused == [{"relu", "clip<=6"}, {"clip<=1.5"}], fused
+    art = backend.load_artifact(res.artifact)
+    for xin in (rng.normal(size=(2, 8, 6, 6)).astype(np.float32), rng.normal(size=(1, 8, 6, 6)).astype(np.float32) * 100):
+        ys, refs = art.run({"x": xin}), ort_run(m, {"x": xin})
+        # fp32: the two reductions add in different orders (terms of up to ~100 here)
+        assert float(np.abs(ys[0] - refs[0]).max()) <= (1e-5 if quantized else 2e-6 * float(np.abs(xin).max())) * 6
+        _close(ys[1], refs[1], rel=1e-3 if quantized else 1e-5)
+
+
 def test_packed_size_follows_bits(tmp, backend):
     """The same network at lower bits gives a smaller artifact (weights stored packed)."""
     rng = np.random.default_rng(0)

@@ -142,7 +142,7 @@ class LayerPlan:
             "packed_bytes": (4 * op.k * (-(-op.n_out // 16) * 16) if self.kind == "depthwise" else op.weight_bytes),
             "fp32_bytes": 4 * op.n_out * k_real,
             "act": act, "kernel": kernel,
-            "fused": [f for f, on in (("add", op.residual), ("relu", op.relu)) if on],
+            "fused": op.fused_ops(),
             "layout": f"{self.in_layout}->{self.out_layout}" if self.kind != "linear" else None,
         }
 
@@ -496,10 +496,17 @@ class _Lowerer:
                 replaced.append(nxt.name)
                 out = nxt.output[0]
                 nxt = gr.single_consumer(out)
+        clip_hi = None
         if nxt is not None and nxt.op_type == "Relu" and nxt.name not in self.claimed:
             relu = True
             replaced.append(nxt.name)
             out = nxt.output[0]
+        elif nxt is not None and nxt.op_type == "Clip" and nxt.name not in self.claimed:
+            bounds = _clip_bounds(gr, nxt)  # ReLU6 and friends: Clip(0, hi) or Clip(-inf, hi)
+            if bounds is not None:
+                relu, clip_hi = bounds
+                replaced.append(nxt.name)
+                out = nxt.output[0]
         if out_index is None:
             out_index = np.arange(cout, dtype=np.int32)
         if bias is not None:  # ONNX gives it in the layer's (permuted) channel order
@@ -558,7 +565,7 @@ class _Lowerer:
                                           codes=mat[order], bits=rb,
                                           plan_bits=plan_b.pop() if len(plan_b) == 1 else None))
         try:
-            op = LinearOp(k=k, n_out=cout, groups=groups, bias=bias, act=act, relu=relu,
+            op = LinearOp(k=k, n_out=cout, groups=groups, bias=bias, act=act, relu=relu, clip_hi=clip_hi,
                           residual=residual is not None, name=name, cin=cin if conv is not None else None,
                           conv_kind=kind if conv is not None else None)
         except ValueError as exc:
@@ -891,7 +898,7 @@ def _emit_layer(bb, lp: LayerPlan, inputs: list, isa: str, layers: list[LayerPla
         out_shape = lead + [op.n_out]
         fused_ok = res is None or _same_shape(res, out_shape)
         if not fused_ok or len(shape) != 2:
-            op_run = replace(op, residual=False, relu=False) if (res is not None or op.relu) else op
+            op_run = replace(op, residual=False, relu=False, clip_hi=None) if res is not None or op.fused_ops() else op
             y = kemit.emit_linear(bb, x2, op_run, isa, rows_static or 1, None, fname)
             if len(shape) != 2:
                 y = bb.emit(relax.op.reshape(y, out_shape))
@@ -913,7 +920,7 @@ def _emit_layer(bb, lp: LayerPlan, inputs: list, isa: str, layers: list[LayerPla
     nb_static = _static(shape[0]) or 1
     if res is not None and not _same_shape(res, geom.res_shape(shape[0])):
         # a broadcasting residual: add it with TVM's operator, in NCHW as the ONNX Add does
-        y = kemit.emit_layer(bb, x, replace(op, residual=False, relu=False), isa, nb_static, None, fname,
+        y = kemit.emit_layer(bb, x, replace(op, residual=False, relu=False, clip_hi=None), isa, nb_static, None, fname,
                              given_a=given_a)
         nhwc_res = geom.res_layout == "NHWC" and len(list(res.ty.shape)) == 4
         if geom.out_layout == "NHWC":
@@ -966,7 +973,30 @@ def _unfused_tail(bb, y, res, op):
         y = bb.emit(relax.op.add(y, res))
     if op.relu:
         y = bb.emit(relax.op.nn.relu(y))
+    if op.clip_hi is not None:
+        y = bb.emit(relax.op.minimum(y, relax.const(float(op.clip_hi), "float32")))
     return y
+
+
+def _clip_bounds(gr, node) -> tuple[bool, float] | None:
+    """``(relu, hi)`` when a Clip is max(x, 0) or nothing below and a finite constant above; else None."""
+    def bound(i):
+        if len(node.input) <= i or not node.input[i]:
+            return None, True
+        v = gr.const(node.input[i])
+        if v is None or v.size != 1:
+            return None, False
+        return float(v.reshape(())), True
+
+    lo, ok_lo = bound(1)
+    hi, ok_hi = bound(2)
+    if not (ok_lo and ok_hi) or hi is None or not np.isfinite(hi):
+        return None
+    if lo is None or lo == -np.inf:
+        return False, hi
+    if lo == 0.0 and hi >= 0.0:
+        return True, hi
+    return None
 
 
 def _same_shape(expr, shape) -> bool:

@@ -36,6 +36,18 @@ ACT_DTYPES = {"i16": "int16", "u8": "uint8", "s8": "int8", "f32": "float32"}
 INT32_MAX_SAFE = 2**31 - 1
 
 
+def tir_activate(T, tirx, op: LinearOp, v, lanes: int):
+    """The op's fused activation on ``v`` (``lanes`` float32 lanes): ReLU, then the upper clip."""
+    def const(x):
+        return T.float32(x) if lanes == 1 else T.broadcast(T.float32(x), lanes)
+
+    if op.relu:
+        v = tirx.max(v, const(0))
+    if op.clip_hi is not None:
+        v = tirx.min(v, const(float(op.clip_hi)))
+    return v
+
+
 @dataclass(frozen=True)
 class ActFormat:
     """How the prologue stores a layer's activation operand.
@@ -746,10 +758,7 @@ class _Epilogue:
     def _finish(self, v, lanes: int, res_idx=None):
         if self.Rf is not None:
             v = v + self.Rf[res_idx]
-        if self.op.relu:
-            zero = self.T.float32(0) if lanes == 1 else self.T.broadcast(self.T.float32(0), lanes)
-            v = self.tirx.max(v, zero)
-        return v
+        return tir_activate(self.T, self.tirx, self.op, v, lanes)
 
     def store(self, t: TileCtx, row0: int, s: Strategy) -> None:
         T, tirx, lay = self.T, self.tirx, self.lay

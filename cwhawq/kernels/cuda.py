@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import ActFormat, Layout, Strategy, c64, ib
+from .core import ActFormat, Layout, Strategy, c64, ib, tir_activate
 from .isa import Isa, register
 from .problem import INT32_MAX
 from .packing import BLOCK_N, WORD_K, RecordLayout, pack_float_weight, pack_records
@@ -179,6 +179,4 @@ def _thread(T, tirx, op, g, mode, fmt, lay, W, row, lane, nb, epi, corr, oidx, r
             val = f
             if res is not None:
                 val = val + res[tuple(ridx)]
-            if op.relu:
-                val = tirx.max(val, T.float32(0))
-            T.buffer_store(Y, val, idx)
+            T.buffer_store(Y, tir_activate(T, tirx, op, val, 1), idx)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import Row, c64, declare_fused, fill_padding, ib, put_fused
+from .core import Row, c64, declare_fused, fill_padding, ib, put_fused, tir_activate
 from .packing import BLOCK_N
 from .problem import LinearOp
 from .prologue import PARALLEL_ELEMENTS, schedule_gpu_simple, schedule_prologue_cpu, te_act_fake
@@ -133,8 +133,7 @@ def kernel_func(op: LinearOp, name: str, expected_batch: int = 1, fused=(), emit
                                 v = f
                                 if res is not None:
                                     v = v + res.vload([b, oh, ow, ob], "float32x16")
-                                if op.relu:
-                                    v = tirx.max(v, T.broadcast(T.float32(0), 16))
+                                v = tir_activate(T, tirx, op, v, 16)
                                 v = T.Bind(v)
                                 if Y is not None:
                                     T.buffer_store(Y, v, [b, oh, ow, T.ramp(ob, c64(1), 16)])
@@ -149,8 +148,7 @@ def kernel_func(op: LinearOp, name: str, expected_batch: int = 1, fused=(), emit
                                             v = fb[i]
                                             if res is not None:
                                                 v = v + res[b, oh, ow, o]
-                                            if op.relu:
-                                                v = tirx.max(v, T.float32(0))
+                                            v = tir_activate(T, tirx, op, v, 1)
                                             v = T.Bind(v)
                                             if Y is not None:
                                                 T.buffer_store(Y, v, [b, oh, ow, o])
@@ -194,6 +192,8 @@ def kernel_func_gpu(op: LinearOp, name: str):
             v = v + res[b, h, w, o]
         if op.relu:
             v = tirx.max(v, tirx.const(0, "float32"))
+        if op.clip_hi is not None:
+            v = tirx.min(v, tirx.const(float(op.clip_hi), "float32"))
         return v
 
     y = te.compute(oshape, epilogue, name="dw_y")

@@ -393,6 +393,7 @@ class LinearOp:
     bias: np.ndarray | None = None   # float32 [n_out]
     act: ActQuant | None = None      # None: fp32 input
     relu: bool = False               # fused ReLU after the (optional) residual add
+    clip_hi: float | None = None     # fused upper clip after the ReLU (ReLU6 = relu + clip_hi 6)
     residual: bool = False           # fused add of a tensor shaped like the output
     name: str = "linear"
     geom: ConvGeom | None = None
@@ -471,6 +472,18 @@ class LinearOp:
         per_k = np.where(kc >= 0, vabs[np.maximum(kc, 0)], 0).astype(np.float64)
         return int(max(float((np.abs(g.codes.astype(np.float64)) @ per_k).max()) for g in self.groups))
 
+    def activate(self, y: np.ndarray) -> np.ndarray:
+        """The fused activation (ReLU, then the upper clip) on the reference's output."""
+        if self.relu:
+            y = np.maximum(y, 0)
+        if self.clip_hi is not None:
+            y = np.minimum(y, np.float32(self.clip_hi))
+        return y
+
+    def fused_ops(self) -> list[str]:
+        return [f for f, on in (("add", self.residual), ("relu", self.relu),
+                                (f"clip<={self.clip_hi:g}" if self.clip_hi is not None else "", self.clip_hi is not None)) if on]
+
     @property
     def weight_bytes(self) -> int:
         return sum(g.nbytes for g in self.groups)
@@ -490,9 +503,7 @@ class LinearOp:
             y = y + self.bias
         if residual is not None:
             y = y + residual
-        if self.relu:
-            y = np.maximum(y, 0)
-        return y.astype(np.float32)
+        return self.activate(y).astype(np.float32)
 
     def bias_or_zero(self) -> np.ndarray:
         return np.zeros(self.n_out, np.float32) if self.bias is None else self.bias.astype(np.float32)
@@ -585,6 +596,4 @@ def reference_conv(op: LinearOp, geom: ConvGeom, x: np.ndarray, weight_rows: np.
         y += op.bias.reshape(1, -1, 1, 1)
     if residual is not None:
         y += residual
-    if op.relu:
-        y = np.maximum(y, 0)
-    return y.astype(np.float32)
+    return op.activate(y).astype(np.float32)

@@ -224,9 +224,11 @@ class Fp32(Strategy):
         return pack_float_weight(self.g.float_w, kp)
 
     def tile(self, expected_rows):
+        # score: FMAs per load (a weight block is ``a`` vector loads, a row one broadcast); on AVX2
+        # this picks 6 rows x 1 block over 2 x 2 (measured 1.41 vs 1.55 ms, 3x3 conv 64ch 56x56, Zen 3)
         a = self.acc_regs
         return best_tile(self, expected_rows, lambda mt, nt: mt * nt * a + nt * a + 1,
-                         lambda mt, nt: mt * nt / (mt + nt))
+                         lambda mt, nt: mt * nt * a / (mt + nt * a))
 
     def begin(self, t):
         t.state["acc"] = self.zero_acc(t, t.mtc * t.ntc, 16, "float32")

@@ -260,10 +260,18 @@ def _float_or_fp32(op, regs, bits):
     return [PortableFloat(op, g, regs, bits) for g in op.groups]
 
 
+# Exponent classes on AVX2 only when they do not grow the reduction: measured on Zen 3
+# (2026-12-02, interleaved, batch 1) the vpmaddwd path was faster than classes at 1.25 growth on
+# MobileNetV2 W4A8 (9.2 vs 11.6 ms) and ResNet-18 W4A8 (25.9 vs 28.5 ms) and equal on resnet20
+# (0.594 vs 0.605 ms): a class operand is written by scattered scalar stores (depthwise producers
+# doubled their time) and every class pads its words.
+AVX2_CLASS_GROWTH = 1.0
+
+
 def _avx2(isa, op):
     if op.mode != "int":
         return _float_or_fp32(op, 16, 256)
-    fmt = one_digit_unsigned(op, 1.25)
+    fmt = one_digit_unsigned(op, AVX2_CLASS_GROWTH)
     if fmt is not None and all(u8_flush_words(op, g, fmt) >= 1 for g in op.groups):
         return [Avx2U8(op, g, fmt) for g in op.groups]
     return [Avx2I16(op, g) for g in op.groups]
