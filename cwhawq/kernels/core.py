@@ -142,6 +142,33 @@ def lanes_of(expr) -> int:
     return int(d.split("x")[1]) if "x" in d else 1
 
 
+def concat(vectors):
+    """Concatenate equal-width vectors into one (a TIR Shuffle)."""
+    from tvm import tirx  # noqa: PLC0415
+
+    if len(vectors) == 1:
+        return vectors[0]
+    lanes = lanes_of(vectors[0])
+    idx = [tirx.const(i, "int32") for i in range(lanes * len(vectors))]
+    return tirx.Shuffle(list(vectors), idx)
+
+
+def digit_expr(T, r, d: int, fmt: "ActFormat", lanes: int = 1):
+    """TIR (IRBuilder) expression of digit ``d`` of ``r = v - offset`` (int32 scalar or vector)."""
+    from tvm import tirx  # noqa: PLC0415
+
+    def c(v):
+        return T.broadcast(T.int32(v), lanes) if lanes > 1 else T.int32(v)
+
+    dt = fmt.dtype if lanes == 1 else f"{fmt.dtype}x{lanes}"
+    if fmt.kind == "i16" or fmt.digits == 1:
+        return T.Cast(dt, r)
+    if fmt.kind == "u8":
+        return T.Cast(dt, tirx.bitwise_and(r, c(255)) if d == 0 else T.shift_right(r, c(8)))
+    lo = tirx.bitwise_and(r + c(128), c(255)) - c(128)
+    return T.Cast(dt, lo if d == 0 else T.shift_right(r - lo, c(8)))
+
+
 def c64(v):
     from tvm import tirx  # noqa: PLC0415
 
@@ -362,7 +389,6 @@ class Strategy:
     @staticmethod
     def acc_cat(t, bufs, first: int, count: int, lanes: int):
         """``count`` consecutive accumulator vectors as one vector."""
-        from .isa.common import concat  # noqa: PLC0415
 
         return concat([bufs[first + i][t.T.ramp(0, 1, lanes)] for i in range(count)])
 
@@ -842,7 +868,6 @@ class _Epilogue:
 # ===================================================================================== fused outputs
 def _quantize(T, tirx, fo: FusedOut, tabs, v, ch, lanes: int, along: str):
     """The consumer's stored digit(s) of final value(s) ``v`` (exactly the prologue's math)."""
-    from .prologue import digit_expr  # noqa: PLC0415
 
     if tabs is None:
         return [v]

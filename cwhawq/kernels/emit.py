@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import core, cuda, depthwise, prologue
+from . import core, depthwise, prologue
 from .core import ActFormat
 from . import isa as isa_mod
 from .problem import LinearOp
@@ -92,6 +92,8 @@ def _core(bb, op, isa, strategies, a_args, out_shape, expected_rows, name, resid
     if isa.name == "cuda":
         if fused or not emit_y:
             raise ValueError("fused outputs are CPU-only")
+        from .isa import cuda  # noqa: PLC0415
+
         func = cuda.core_func(op, strategies, name)
     else:
         func = core.core_func(op, strategies, expected_rows, name, list(fused), emit_y)

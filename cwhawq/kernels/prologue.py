@@ -58,22 +58,6 @@ def te_digit(r, d: int, fmt: ActFormat):
     return lo.astype("int8") if d == 0 else ((r - lo) >> 8).astype("int8")
 
 
-def digit_expr(T, r, d: int, fmt: ActFormat, lanes: int = 1):
-    """TIR (IRBuilder) expression of digit ``d`` of ``r = v - offset`` (int32 scalar or vector)."""
-    from tvm import tirx  # noqa: PLC0415
-
-    def c(v):
-        return T.broadcast(T.int32(v), lanes) if lanes > 1 else T.int32(v)
-
-    dt = fmt.dtype if lanes == 1 else f"{fmt.dtype}x{lanes}"
-    if fmt.kind == "i16" or fmt.digits == 1:
-        return T.Cast(dt, r)
-    if fmt.kind == "u8":
-        return T.Cast(dt, tirx.bitwise_and(r, c(255)) if d == 0 else T.shift_right(r, c(8)))
-    lo = tirx.bitwise_and(r + c(128), c(255)) - c(128)
-    return T.Cast(dt, lo if d == 0 else T.shift_right(r - lo, c(8)))
-
-
 def _digits(shape, r_of, fmt: ActFormat, name: str):
     """A ``[D, *shape]`` from the offset integer function ``r_of(*idx)``."""
     from tvm import te, tirx  # noqa: PLC0415

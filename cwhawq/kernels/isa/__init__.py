@@ -15,7 +15,7 @@ weight layout it reads). Instruction sets are registered by name (:func:`registe
 ``arm_neon``                  aarch64 NEON without dot product (Cortex-A72, Raspberry Pi 4):
                               ``ld4`` + widening multiply-accumulate (``smlal``)
 ``generic``                   portable vector code for any LLVM target (slow; a warning)
-``cuda``                      NVIDIA GPUs: ``dp4a`` (see :mod:`cwhawq.kernels.cuda`)
+``cuda``                      NVIDIA GPUs: ``dp4a`` (see :mod:`cwhawq.kernels.isa.cuda`)
 ============================  ================================================================
 """
 from __future__ import annotations
@@ -106,5 +106,4 @@ def _load() -> None:
     if _LOADED:
         return
     _LOADED.append(True)
-    from . import arm, generic, x86  # noqa: F401, PLC0415
-    from .. import cuda  # noqa: F401, PLC0415
+    from . import arm, cuda, generic, x86  # noqa: F401, PLC0415

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core import ActFormat, Strategy, TileShape, c64, lanes_of
+from ..core import ActFormat, Strategy, TileShape, c64, concat, lanes_of  # noqa: F401 (concat: re-exported)
 from ..packing import BLOCK_N, WORD_K, RecordLayout, pack_float_weight, pack_records, record_bytes
 
 
@@ -66,17 +66,6 @@ def intrin(T, ret: str, name: str, *args):
         p = T.Cast(f"int32x{n}", ua) * T.Cast(f"int32x{n}", b)
         return acc + _pairwise(p, n, 4)
     raise ValueError(f"no portable form of {name}")
-
-
-def concat(vectors):
-    """Concatenate equal-width vectors into one (a TIR Shuffle)."""
-    from tvm import tirx  # noqa: PLC0415
-
-    if len(vectors) == 1:
-        return vectors[0]
-    lanes = lanes_of(vectors[0])
-    idx = [tirx.const(i, "int32") for i in range(lanes * len(vectors))]
-    return tirx.Shuffle(list(vectors), idx)
 
 
 def bcast_word(T, word, dtype: str, lanes: int):

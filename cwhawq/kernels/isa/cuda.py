@@ -1,6 +1,6 @@
 """CUDA kernels: one thread per (row, output channel), signed ``__dp4a`` on 4-byte words.
 
-Weights in the ``dot4`` layout (:mod:`.packing`): a thread reads its channel's 4 codes of a word
+Weights in the ``dot4`` layout (:mod:`..packing`): a thread reads its channel's 4 codes of a word
 as one 32-bit load from the record (plane ``i // (16 / P)``, byte ``4 * (i % (16 / P))``),
 shifts/masks the plane and, for 4/2-bit offset codes, turns them into signed bytes
 (``((u | 0x80808080) - z * 0x01010101) ^ 0x80808080``, no borrow between bytes). Activations are
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import ActFormat, Layout, Strategy, c64, ib, tir_activate
-from .isa import Isa, register
-from .problem import INT32_MAX
-from .packing import BLOCK_N, WORD_K, RecordLayout, pack_float_weight, pack_records
+from ..core import ActFormat, Layout, Strategy, c64, ib, tir_activate
+from . import Isa, register
+from ..problem import INT32_MAX
+from ..packing import BLOCK_N, WORD_K, RecordLayout, pack_float_weight, pack_records
 
 
 class CudaStrategy(Strategy):
