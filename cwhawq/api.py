@@ -1,10 +1,24 @@
 """The Python API: one function per command, mirroring the CLI's options."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from . import data as D
-from .errors import ModelError
+from .errors import ModelError, PlanError
+
+
+_SIMULATE = ("calibration_set", "simulate_plan", "parse_bits")
+
+
+def __getattr__(name):
+    """``api.calibration_set``, ``api.simulate_plan``, ``api.parse_bits``: re-exported from
+    :mod:`cwhawq.simulate`, imported on first use (it loads torch; ``cwhawq bench``/``run`` do not need it)."""
+    if name in _SIMULATE:
+        from . import simulate
+
+        return getattr(simulate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _file(spec) -> str | None:
@@ -46,6 +60,8 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
     if plan is None:
         rep["accuracy"] = accuracy(loaded.module, ds, batch_size)
         return rep
+    from .simulate import simulate_plan
+
     qm, p, sim = simulate_plan(loaded, plan, data, data_dir, calib_batches, act_scale, finetune_epochs)
     if finetune_epochs:
         rep["finetune_epochs"] = finetune_epochs
@@ -53,40 +69,6 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
     rep["plan"] = str(plan) if not hasattr(plan, "layers") else "<plan>"
     rep.update({k: v for k, v in p.compute_metrics(qm.layer_infos).items() if k in ("avg_w_bits", "avg_a_bits", "size_ratio")})
     return rep
-
-
-def calibration_set(data="fashion-mnist", data_dir: str | None = None, calib_batches: int = 4) -> "D.Dataset":
-    """The samples that calibrate activation ranges whenever a plan is simulated (eval --plan, export):
-    ``calib_batches`` x 128 samples of the train split (seeded subset, seed 1). A Dataset is used as is."""
-    if isinstance(data, D.Dataset):
-        return data
-    return D.load(data, "train", data_dir).subset(calib_batches * 128, seed=1)
-
-
-def simulate_plan(loaded, plan, data=None, data_dir: str | None = None, calib_batches: int = 4,
-                  act_scale: str = "pow2", finetune_epochs: int = 0):
-    """(QModel, Plan, QuantizedModel): ``plan`` (path or Plan) checked against a LoadedModel (the model it
-    was made for, its layers) and simulated with the shared calibration (:func:`calibration_set`; ``data``
-    None: a zoo model's own dataset), optionally fine-tuned (QAT)."""
-    from .checks import check_labels, check_plan_model, model_classes, require_data
-    from .graph import qmodel_from_loaded
-    from .plan import load_plan
-    from .quantize import finetune, quantize_model
-
-    p = load_plan(plan) if not hasattr(plan, "layers") else plan
-    check_plan_model(p, loaded, f"plan {plan}" if not hasattr(plan, "layers") else "the plan")
-    data = require_data(loaded, data, "calibrate it on")
-    qm = qmodel_from_loaded(loaded)
-    p.validate(qm.layer_infos)
-    if finetune_epochs and isinstance(data, D.Dataset):
-        raise ModelError("fine-tuning needs a dataset spec (its train split), not a Dataset object")
-    train = D.load(data, "train", data_dir) if finetune_epochs else None
-    if train is not None:
-        check_labels(train, model_classes(loaded))
-    sim = quantize_model(qm, p, calibration_set(data, data_dir, calib_batches), act_scale=act_scale)
-    if train is not None:
-        finetune(sim, train, epochs=finetune_epochs)
-    return qm, p, sim
 
 
 def analyze(model: str, data: str | None = None, out: str | None = None, data_dir: str | None = None,
@@ -137,22 +119,6 @@ def analyze(model: str, data: str | None = None, out: str | None = None, data_di
     return sens
 
 
-def parse_bits(s) -> tuple[int, ...]:
-    from .errors import PlanError
-    from .quantizers import BIT_CHOICES
-
-    if isinstance(s, (tuple, list)):
-        vals = list(s)
-    else:
-        try:
-            vals = [int(v) for v in str(s).split(",") if v.strip()]
-        except ValueError:
-            raise PlanError(f"bit set {s!r} does not parse: use e.g. 2,4,8") from None
-    if not vals or any(v not in BIT_CHOICES for v in vals):
-        raise PlanError(f"bit set {s!r}: bit-widths must come from {list(BIT_CHOICES)}")
-    return tuple(sorted(set(vals)))
-
-
 def _latency_table(t):
     """None, a :class:`cwhawq.latency.LatencyTable`, or a table file to load."""
     from .latency import LatencyTable
@@ -162,42 +128,34 @@ def _latency_table(t):
 
 def make_plan(method: str, model: str, sens=None, budget: str | None = None, bits="2,4,8", w_bits: int = 8,
               a_bits="8", out: str | None = None, latency_table=None) -> "Plan":
-    """A baseline plan (uniform, hawq-v3, cw-greedy) for a model under a budget (``latency:R`` with
-    ``latency_table``, a file or :class:`cwhawq.latency.LatencyTable`: uniform and hawq-v3)."""
+    """A baseline plan (uniform, hawq-v3, cw-greedy: any planner of :data:`cwhawq.baselines.PLANNERS`) for a
+    model under a budget (``latency:R`` with ``latency_table``, a file or :class:`cwhawq.latency.LatencyTable`:
+    uniform and hawq-v3)."""
     from . import baselines as B
     from .checks import check_outputs, load_sensitivity, model_identity
-    from .errors import PlanError
     from .graph import qmodel_from_loaded
     from .models import load_model
     from .plan import parse_budget
+    from .simulate import parse_bits
 
-    if method not in B.METHODS:
-        raise PlanError(f"unknown plan method {method!r}: use one of {', '.join(B.METHODS)}")
+    planner = B.get_planner(method)
     check_outputs([("--out", out)],
                   [("MODEL", _file(model)), ("--sens", sens if isinstance(sens, (str, Path)) else None),
                    ("--latency-table", latency_table if isinstance(latency_table, (str, Path)) else None)])
     bit_set = parse_bits(bits)
     bud = parse_budget(budget) if budget else None
-    a = _parse_a_bits(a_bits)
-    if method == "uniform" and int(w_bits) not in _bit_choices():
-        raise PlanError(f"--w-bits {w_bits}: weight bits must come from {list(_bit_choices())}")
+    cfg = B.PlanConfig(budget=bud, bit_set=bit_set, a_bits=_parse_a_bits(a_bits), w_bits=w_bits)
+    if planner.check is not None:
+        planner.check(cfg)
     loaded = load_model(model)
     infos = qmodel_from_loaded(loaded).layer_infos
     table = _latency_table(latency_table)
-    if method == "uniform":
-        if a == "mixed":
-            raise PlanError("uniform plans take one activation bit-width (--a-bits N)")
-        plan = B.uniform(infos, int(w_bits), a, bud, bit_set, latency=table)
-    else:
-        if bud is None:
-            raise PlanError(f"{method} needs --budget")
-        if sens is None:
-            raise PlanError(f"{method} needs --sens (from cwhawq analyze)")
-        s = load_sensitivity(sens, loaded)
-        if method == "hawq-v3":
-            plan = B.hawq_v3(infos, s, bud, bit_set, a, latency=table)
-        else:
-            plan = B.cw_greedy(infos, s, bud, bit_set, a)
+    if planner.needs_budget and bud is None:
+        raise PlanError(f"{method} needs --budget")
+    if planner.needs_sens and sens is None:
+        raise PlanError(f"{method} needs --sens (from cwhawq analyze)")
+    s = load_sensitivity(sens, loaded) if planner.needs_sens else None
+    plan = planner.make(infos, s, dataclasses.replace(cfg, latency=table))
     plan.model, plan.model_sha256 = model_identity(loaded)
     if out:
         plan.save(out)
@@ -212,8 +170,6 @@ def _bit_choices():
 
 def _parse_a_bits(a_bits):
     """--a-bits of the baselines: 'mixed' or one bit-width from the bit choices."""
-    from .errors import PlanError
-
     if str(a_bits) == "mixed":
         return "mixed"
     try:
@@ -250,10 +206,8 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
     updates_per_step, greedy_every), ``latency`` (a latency cost model) and ``on_episode`` (callback per
     episode record). See docs/search.md.
     """
-    import json
-
     from .bench import parse_rpc
-    from .latency import LatencyError, build_table, measure_plans
+    from .latency import LatencyError
     from .plan import parse_budget
     from .search import search as _search
 
@@ -275,10 +229,37 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
     if sens is None:
         raise CwhawqError("the search needs a sensitivity file (--sens, from cwhawq analyze)")
     load_sensitivity(sens)   # a bad file fails here, before any latency is measured
+    want = None
     if target is not None:   # a bad target fails here, before anything is measured
         from .backends.targets import resolve_target
 
         want = resolve_target(target).name
+    table = _search_table(model, target, want, latency_table, rpc, remote, out,
+                          latency_batch, latency_grid, data, data_dir, calib_batches, cache_dir, timeout, echo)
+    if bud.kind == "latency" and table is None and options.get("latency") is None:
+        raise LatencyError(f"budget {bud} needs a latency table: give --target T (measured here, or on boards "
+                           f"with --rpc HOST:PORT --key K) or --latency-table FILE (cwhawq latency-table)")
+    if table is not None:
+        options["latency"] = table
+    if latency_weight is None:
+        latency_weight = 1.0 if table is not None else 0.0
+    plan = _search(model, data, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed, resume=resume,
+                   bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
+                   checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
+                   finetune_steps=finetune_steps, calib_batches=calib_batches, act_scale=act_scale,
+                   progress=progress, latency_weight=latency_weight, **options)
+    if table is None or target is None or not measure:
+        return plan
+    _measure_final(plan, model, table, target, remote, out, data, data_dir, calib_batches, timeout, echo)
+    return plan
+
+
+def _search_table(model, target, want, latency_table, rpc, remote, out, latency_batch, latency_grid, data,
+                  data_dir, calib_batches, cache_dir, timeout, echo):
+    """The latency table of a search: ``latency_table`` as given (checked against the target), or built
+    for ``target`` (beside ``out`` as ``.latency.json``), or None."""
+    from .latency import LatencyError, build_table
+
     table = None
     if latency_table is not None:
         table = _latency_table(latency_table)
@@ -294,20 +275,16 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
                             calib_batches=calib_batches, cache_dir=cache_dir, timeout=timeout, log=echo)
     elif rpc is not None:
         raise LatencyError("--rpc needs --target (the target the boards run)")
-    if bud.kind == "latency" and table is None and options.get("latency") is None:
-        raise LatencyError(f"budget {bud} needs a latency table: give --target T (measured here, or on boards "
-                           f"with --rpc HOST:PORT --key K) or --latency-table FILE (cwhawq latency-table)")
-    if table is not None:
-        options["latency"] = table
-    if latency_weight is None:
-        latency_weight = 1.0 if table is not None else 0.0
-    plan = _search(model, data, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed, resume=resume,
-                   bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
-                   checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
-                   finetune_steps=finetune_steps, calib_batches=calib_batches, act_scale=act_scale,
-                   progress=progress, latency_weight=latency_weight, **options)
-    if table is None or target is None or not measure:
-        return plan
+    return table
+
+
+def _measure_final(plan, model, table, target, remote, out, data, data_dir, calib_batches, timeout, echo) -> None:
+    """Compile and measure the search's final plan and the fp32 model on the target; the numbers go into
+    ``plan.meta["latency"]``, the plan file and, as a last ``{"final": true}`` line, the search log."""
+    import json
+
+    from .latency import measure_plans
+
     echo("compiling and measuring the final plan and the fp32 model")
     name = Path(out).stem if out else "search"
     res = measure_plans(model, [(plan, name)], target, batch=int(table.data["batch"]), remote=remote, table=table,
@@ -326,7 +303,6 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
         with open(log_p, "a") as f:
             f.write(json.dumps({"final": True, "episode": plan.meta["search"]["episodes"], "plan": out,
                                 "latency": plan.meta["latency"]}) + "\n")
-    return plan
 
 
 def bench(artifact: str, device: str | None = None, rpc: str | None = None, key: str | None = None,

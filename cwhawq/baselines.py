@@ -11,17 +11,64 @@
 
 Sensitivities come from a sens.json (``cwhawq analyze``). Budgets: ``size:R`` (packed weight bytes
 <= R x fp32 bytes), ``bits:B`` (average weight bits), ``bops:R`` (BOPs <= R x fp32 BOPs).
+
+Each method is registered by name in :data:`PLANNERS` (:func:`register_planner`) with what it needs
+(a sensitivity file, a budget); :func:`cwhawq.api.make_plan` and ``cwhawq plan METHOD`` dispatch on
+the name and hand the planner a :class:`PlanConfig`.
 """
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .errors import PlanError
 from .plan import Budget, LayerPlan, Plan, SCALE_BYTES, fp32_bytes, plan_metrics
+from .quantizers import BIT_CHOICES
 
-METHODS = ("uniform", "hawq-v3", "cw-greedy")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What every planner is given besides the layers and the sensitivity."""
+
+    budget: Budget | None = None
+    bit_set: tuple[int, ...] = (2, 4, 8)
+    a_bits: int | str = 8          # one bit-width, or "mixed"
+    w_bits: int = 8                # uniform only
+    latency: object = None         # a LatencyTable or separable latency cost model (latency:R budgets)
+
+
+@dataclass(frozen=True)
+class Planner:
+    """A registered plan method: ``make(infos, sens, PlanConfig) -> Plan``."""
+
+    name: str
+    make: Callable
+    needs_sens: bool = False
+    needs_budget: bool = False
+    check: Callable | None = None    # check(cfg): cheap option checks before the model is loaded
+    help: str = ""
+
+
+PLANNERS: dict[str, Planner] = {}
+
+
+def register_planner(name: str, *, needs_sens: bool = False, needs_budget: bool = False, check=None, help: str = ""):
+    """Decorator: register ``fn(infos, sens, cfg: PlanConfig) -> Plan`` as plan method ``name``."""
+    def deco(fn):
+        PLANNERS[name] = Planner(name, fn, needs_sens=needs_sens, needs_budget=needs_budget, check=check, help=help)
+        return fn
+    return deco
+
+
+def get_planner(name: str) -> Planner:
+    try:
+        return PLANNERS[name]
+    except KeyError:
+        raise PlanError(f"unknown plan method {name!r}: use one of {', '.join(PLANNERS)}") from None
 
 
 def _sens_by_layer(sens: dict, infos) -> dict:
@@ -214,3 +261,29 @@ def cw_greedy(infos, sens: dict, budget: Budget, bit_set=(2, 4, 8), a_bits: int 
     plan = Plan(layers, tuple(sorted(set(bits_sorted) | a_set)), method="cw-greedy")
     plan.meta = {"a_bits": a_bits}
     return _check(plan, infos, budget)
+
+
+# ===================================================================================== registry
+def _check_w_bits(cfg: PlanConfig) -> None:
+    if int(cfg.w_bits) not in BIT_CHOICES:
+        raise PlanError(f"--w-bits {cfg.w_bits}: weight bits must come from {list(BIT_CHOICES)}")
+
+
+@register_planner("uniform", check=_check_w_bits, help="Every channel at --w-bits / --a-bits (reports whether --budget is met).")
+def _uniform_planner(infos, sens, cfg: PlanConfig) -> Plan:
+    if cfg.a_bits == "mixed":
+        raise PlanError("uniform plans take one activation bit-width (--a-bits N)")
+    return uniform(infos, int(cfg.w_bits), cfg.a_bits, cfg.budget, cfg.bit_set, latency=cfg.latency)
+
+
+@register_planner("hawq-v3", needs_sens=True, needs_budget=True)
+def _hawq_v3_planner(infos, sens, cfg: PlanConfig) -> Plan:
+    return hawq_v3(infos, sens, cfg.budget, cfg.bit_set, cfg.a_bits, latency=cfg.latency)
+
+
+@register_planner("cw-greedy", needs_sens=True, needs_budget=True)
+def _cw_greedy_planner(infos, sens, cfg: PlanConfig) -> Plan:
+    return cw_greedy(infos, sens, cfg.budget, cfg.bit_set, cfg.a_bits)
+
+
+METHODS = tuple(PLANNERS)

@@ -13,6 +13,7 @@ import time
 import click
 
 from . import __version__
+from .baselines import PLANNERS
 from .errors import CwhawqError
 
 _DEBUG = {"on": False}
@@ -226,7 +227,8 @@ def _report_plan(plan, out, as_json):
          + ("" if m.get("meets_budget", True) else "  [does NOT meet the budget]") + f" -> {out}")
 
 
-for _method in ("hawq-v3", "cw-greedy"):
+# one command per registered planner that works from a sensitivity file (uniform has its own, below)
+for _method in [p.name for p in PLANNERS.values() if p.needs_sens]:
     def _make(method):
         @plan_group.command(method, help=f"{method} plan for MODEL under --budget, from --sens.")
         @click.argument("model")

@@ -76,7 +76,7 @@ QUICK_TEST_IMAGES = 2000
 
 
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
-    from . import api, baselines as B, data as D
+    from . import baselines as B, data as D
     from .evaluate import accuracy
     from .graph import qmodel_from_loaded
     from .hessian import analyze, plot_sensitivity
@@ -84,6 +84,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from .models import load_model
     from .plan import parse_budget
     from .quantize import Quantizer
+    from .simulate import calibration_set
 
     from .checks import check_labels, check_outputs, data_file, model_classes, model_identity, require_data
     from .evaluate import check_input_shape
@@ -157,7 +158,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             "--out", out / "plans" / "cw-hawq.json")
 
     log.stage("simulated accuracy of every plan")
-    qz = Quantizer(qm, api.calibration_set(cfg.data, cfg.data_dir))
+    qz = Quantizer(qm, calibration_set(cfg.data, cfg.data_dir))
     rows = [Row("fp32", None, fp32_acc, 4 * sum(i.params for i in infos) / 1024, 32, 32, 1.0)]
     for key, plan in plans.items():
         acc = accuracy(qz.apply(plan).module, test)

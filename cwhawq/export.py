@@ -38,7 +38,18 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import __version__
+from .checks import (check_labels, check_outputs, check_plan_model, data_file, load_sensitivity, model_classes,
+                     require_data)
+from .data import load as load_data
 from .errors import CwhawqError, ExportError
+from .evaluate import check_input_shape, predict
+from .graph import qmodel_from_loaded
+from .io import atomic_path
+from .models import LoadedModel, load_model
+from .onnx_graph import OnnxGraph, prune
+from .onnx_graph import attrs as onnx_attrs
+from .plan import load_plan
+from .simulate import calibration_set, simulate_plan
 
 FORMATS = ("qdq", "int8-container")
 MIN_OPSET = 17          # int8-container and 8/6-bit-only plans (per-axis Q/DQ exists since 13)
@@ -159,7 +170,7 @@ def _sens_summary(entry: dict | None, w_idx=None) -> dict | None:
 
 
 # ===================================================================================== torch export
-def _torch_export(qm, input_shape, opset: int) -> onnx.ModelProto:
+def torch_export(qm, input_shape, opset: int) -> onnx.ModelProto:
     """The float graph of the QModel (hooks removed) from torch's exporter, batch symbolic."""
     import torch
 
@@ -231,7 +242,7 @@ def _downgrade_to_17(model: onnx.ModelProto) -> None:
         if since < 18:
             continue
         if n.op_type in _REDUCE and n.op_type != "ReduceSum":
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            attrs = onnx_attrs(n)
             axes = None
             if len(n.input) > 1 and n.input[1]:
                 if n.input[1] not in inits:
@@ -260,6 +271,7 @@ class _Layer:
     info: object
     state: object
     node: onnx.NodeProto
+    kind: LayerKind
     perm: np.ndarray                       # position -> original output channel
     groups: int = 1
     in_perm: np.ndarray | None = None      # position -> original input channel (folded producer perm)
@@ -272,39 +284,95 @@ class _Layer:
         return bool(np.array_equal(self.perm, np.arange(len(self.perm))))
 
 
-class _View:
-    def __init__(self, model: onnx.ModelProto):
-        g = model.graph
-        self.inits = {t.name: t for t in g.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for o in n.output:
-                self.producer[o] = n
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in g.output}
-        inferred = onnx.shape_inference.infer_shapes(model)
-        self.shapes: dict[str, list] = {}
-        for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-            dims = v.type.tensor_type.shape.dim
-            self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+# ===================================================================================== layer kinds
+class LayerKind:
+    """How one ONNX operator that torch's exporter writes for a quantized layer is exported.
 
-    def const(self, name: str):
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        n = self.producer.get(name)
-        if n is not None and n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
+    A kind is registered under its ONNX op type (:func:`register_layer_kind`); the exporter finds a
+    layer's node by its weight initializer and asks the kind of that node's op type to
+
+    - :meth:`check` the node's form (raise :class:`ExportError` for a form it cannot rewrite),
+    - give the :meth:`channel_axis` of a tensor of a given rank (the input channels its activation
+      quantizer is per-channel over, and the output channels a permutation Gather acts on),
+    - :meth:`emit` the operator itself on the dequantized activation and the dequantized weight, which
+      always arrives as ``[out_channels, ...]`` (output channels first, grouped by bits and concatenated
+      on axis 0; the weight quantizer is per-axis 0).
+
+    Everything around the operator (activation Max/Min/QuantizeLinear/DequantizeLinear, the weight's
+    DequantizeLinear per bit group, the channel permutations and their folding, the annotations) is
+    shared by all kinds. docs/architecture.md shows how a MatMul kind is added.
+    """
+
+    op_type: str = ""
+    layer_kinds: tuple[str, ...] = ()     # the QModel layer kinds (LayerInfo.kind) it exports
+    flattens_input: bool = False          # its input channels may be a flattened C x spatial (Flatten folds)
+
+    def check(self, node: onnx.NodeProto, name: str, info) -> None:
+        """Raise ExportError if this node's form is not one :meth:`emit` reproduces."""
+
+    def channel_axis(self, rank: int) -> int:
+        return 1
+
+    def emit(self, name: str, x: str, w: str, bias: str | None, y: str, node: onnx.NodeProto) -> onnx.NodeProto:
+        """The operator node (named ``name``) computing ``y`` from activation ``x``, weight ``w``, ``bias``."""
+        raise NotImplementedError
 
 
-def _find_layer_nodes(model: onnx.ModelProto, view: _View, qm, names) -> dict[str, onnx.NodeProto]:
-    """The Conv/Gemm node of each quantized layer: the one reading the layer's weight initializer
-    (matched by torch's parameter name, else by value)."""
+LAYER_KINDS: dict[str, LayerKind] = {}
+
+
+def register_layer_kind(cls: type[LayerKind]) -> type[LayerKind]:
+    """Class decorator: export layers exported as ``cls.op_type`` with this kind."""
+    LAYER_KINDS[cls.op_type] = cls()
+    return cls
+
+
+def supported_layer_kinds() -> str:
+    return ", ".join(f"{k.op_type} ({'/'.join(k.layer_kinds)} layers)" for k in LAYER_KINDS.values())
+
+
+def layer_kind(node: onnx.NodeProto, name: str, info) -> LayerKind:
+    """The registered kind of a layer's node, checked; one error listing the supported kinds otherwise."""
+    kind = LAYER_KINDS.get(node.op_type)
+    if kind is None or info.kind not in kind.layer_kinds:
+        what = f"a {info.kind} layer"
+        if info.kind == "linear" and len(info.in_shape) != 1:
+            what = f"a Linear on a rank-{len(info.in_shape) + 1} input"
+        raise ExportError(f"layer {name}: unsupported layer type: {what} exported as {node.op_type}; exported "
+                          f"layer types: {supported_layer_kinds()}")
+    kind.check(node, name, info)
+    return kind
+
+
+@register_layer_kind
+class ConvKind(LayerKind):
+    op_type = "Conv"
+    layer_kinds = ("conv", "depthwise")
+
+    def emit(self, name, x, w, bias, y, node):
+        return helper.make_node("Conv", [x, w] + ([bias] if bias else []), [y], name=name,
+                                **onnx_attrs(node))
+
+
+@register_layer_kind
+class GemmKind(LayerKind):
+    op_type = "Gemm"
+    layer_kinds = ("linear",)
+    flattens_input = True
+
+    def check(self, node, name, info):
+        at = onnx_attrs(node)
+        if int(at.get("transA", 0)) or not int(at.get("transB", 0)) or float(at.get("alpha", 1.0)) != 1.0 \
+                or float(at.get("beta", 1.0)) != 1.0:
+            raise ExportError(f"layer {name}: unsupported Gemm form {at}")
+
+    def emit(self, name, x, w, bias, y, node):
+        return helper.make_node("Gemm", [x, w] + ([bias] if bias else []), [y], name=name, transB=1)
+
+
+def _find_layer_nodes(model: onnx.ModelProto, view: OnnxGraph, qm, names) -> dict[str, onnx.NodeProto]:
+    """The node of each quantized layer: the one reading the layer's weight initializer (matched by
+    torch's parameter name, else by value), of a registered :class:`LayerKind` (checked)."""
     by_weight: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         if len(n.input) > 1 and n.input[1] in view.inits:
@@ -323,29 +391,21 @@ def _find_layer_nodes(model: onnx.ModelProto, view: _View, qm, names) -> dict[st
         if len(nodes) != 1:
             raise ExportError(f"layer {name}: cannot find its node in the exported ONNX graph")
         node = nodes[0]
-        if q.is_conv and node.op_type != "Conv":
-            raise ExportError(f"layer {name}: unsupported layer type (exported as {node.op_type}, expected Conv)")
-        if not q.is_conv:
-            if node.op_type != "Gemm":
-                raise ExportError(f"layer {name}: unsupported layer type: a Linear on a rank-"
-                                  f"{len(qm.layer_infos[names.index(name)].in_shape) + 1} input (exported as "
-                                  f"{node.op_type}); only 2-D Linear inputs (Gemm) are exported")
-            at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if int(at.get("transA", 0)) or not int(at.get("transB", 0)) or float(at.get("alpha", 1.0)) != 1.0 \
-                    or float(at.get("beta", 1.0)) != 1.0:
-                raise ExportError(f"layer {name}: unsupported Gemm form {at}")
+        layer_kind(node, name, qm.layer_infos[names.index(name)])
         used.add(cands[0])
         found[name] = node
     return found
 
 
-def _fold_target(view: _View, L: _Layer, layers_by_node: dict[int, _Layer]):
+def _fold_target(view: OnnxGraph, L: _Layer, layers_by_node: dict[int, _Layer]):
     """Follow L's output through channel-wise operators to a single quantized consumer that can absorb
     the permutation. Returns (consumer, expand, const_perms) or None."""
     C = len(L.perm)
     t = L.node.output[0]
     expand = 1
     const_perms = []
+    if not _channels_on_axis_1(L):  # the channel-wise operators below are followed on axis 1 only
+        return None
     for _ in range(64):
         if t in view.outputs:
             return None
@@ -355,9 +415,9 @@ def _fold_target(view: _View, L: _Layer, layers_by_node: dict[int, _Layer]):
         n = cons[0]
         M = layers_by_node.get(id(n))
         if M is not None:
-            if n.input[0] != t:
+            if n.input[0] != t or not _channels_on_axis_1(M):
                 return None
-            if M.info.kind == "linear":
+            if M.kind.flattens_input:
                 return (M, expand, const_perms) if M.info.in_channels == C * expand else None
             if expand != 1 or M.info.in_channels != C:
                 return None
@@ -400,7 +460,7 @@ def _fold_target(view: _View, L: _Layer, layers_by_node: dict[int, _Layer]):
                     return None
                 const_perms.append((n, 1, len(v.shape) - (rank - 1)))
         elif op in _REDUCE:
-            at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            at = onnx_attrs(n)
             axes = at.get("axes")
             if axes is None and len(n.input) > 1 and n.input[1]:
                 a = view.const(n.input[1])
@@ -415,7 +475,7 @@ def _fold_target(view: _View, L: _Layer, layers_by_node: dict[int, _Layer]):
             if expand != 1 or out_shape is None or len(out_shape) != 2 or len(shape) < 2:
                 return None
             if op == "Flatten":
-                at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                at = onnx_attrs(n)
                 if int(at.get("axis", 1)) != 1:
                     return None
             rest = shape[2:]
@@ -431,6 +491,10 @@ def _fold_target(view: _View, L: _Layer, layers_by_node: dict[int, _Layer]):
     return None
 
 
+def _channels_on_axis_1(L: _Layer) -> bool:
+    return L.kind.channel_axis(len(L.info.in_shape) + 1) == 1
+
+
 def _expand_perm(perm: np.ndarray, e: int) -> np.ndarray:
     return (perm[:, None] * e + np.arange(e)[None, :]).reshape(-1)
 
@@ -443,7 +507,8 @@ def _plan_layers(model, view, qm, sim) -> list[_Layer]:
         st = sim.states[info.name]
         perm = np.argsort(-np.asarray(st.w_bits, dtype=np.int64), kind="stable").astype(np.int64)
         q = qm.layer(info.name)
-        L = _Layer(info.name, info, st, nodes[info.name], perm, groups=int(q.groups))
+        node = nodes[info.name]
+        L = _Layer(info.name, info, st, node, LAYER_KINDS[node.op_type], perm, groups=int(q.groups))
         if not L.identity:
             if info.kind == "depthwise":
                 L.in_gather = perm.copy()
@@ -483,10 +548,12 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
     st, info, name = L.state, L.info, L.name
     nodes, inits = [], []
     x = L.node.input[0]
+    rank = len(info.in_shape) + 1
+    axis = L.kind.channel_axis(rank)
     if L.in_gather is not None:
         inits.append(_const(f"{name}.perm_in.indices", L.in_gather.astype(np.int64)))
         nodes.append(helper.make_node("Gather", [x, f"{name}.perm_in.indices"], [f"{name}.perm_in"],
-                                      name=f"{name}/perm_in", axis=1))
+                                      name=f"{name}/perm_in", axis=axis))
         x = f"{name}.perm_in"
     # ---- activation quantizer
     order = _act_order(L)
@@ -494,7 +561,7 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
     if order is not None:
         s, lo, hi = s[order], lo[order], hi[order]
     C = len(s)
-    bshape = (1, C) + (1,) * (len(info.in_shape) - 1)
+    bshape = tuple(C if d == axis % rank else 1 for d in range(rank))
     zdt = np.int8 if st.a_signed else np.uint8
     inits += [_const(f"{name}.act.lo", (s * lo).reshape(bshape)), _const(f"{name}.act.hi", (s * hi).reshape(bshape)),
               _const(f"{name}.act.scale", s), _const(f"{name}.act.zero_point", np.zeros(C, zdt))]
@@ -502,9 +569,9 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
         helper.make_node("Max", [x, f"{name}.act.lo"], [f"{name}.act.max"], name=f"{name}/act_max"),
         helper.make_node("Min", [f"{name}.act.max", f"{name}.act.hi"], [f"{name}.act.min"], name=f"{name}/act_min"),
         helper.make_node("QuantizeLinear", [f"{name}.act.min", f"{name}.act.scale", f"{name}.act.zero_point"],
-                         [f"{name}.act.q"], name=f"{name}/act_q", axis=1),
+                         [f"{name}.act.q"], name=f"{name}/act_q", axis=axis),
         helper.make_node("DequantizeLinear", [f"{name}.act.q", f"{name}.act.scale", f"{name}.act.zero_point"],
-                         [f"{name}.act.dq"], name=f"{name}/act_dq", axis=1),
+                         [f"{name}.act.dq"], name=f"{name}/act_dq", axis=axis),
     ]
     # ---- weights: permuted output channels, one initializer + DQ per bit group
     codes = np.asarray(st.w_codes)
@@ -543,17 +610,13 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
         wname = f"{name}.weight"
     else:
         wname = dq_outs[0]
-    ins = [f"{name}.act.dq", wname]
+    bias = None
     if st.bias is not None:
         inits.append(_const(f"{name}.bias", np.asarray(st.bias, np.float32)[L.perm]))
-        ins.append(f"{name}.bias")
+        bias = f"{name}.bias"
     out = L.node.output[0]
     y = f"{name}.out_perm" if L.unperm == "gather" else out
-    attrs = {a.name: helper.get_attribute_value(a) for a in L.node.attribute}
-    if info.kind == "linear":
-        layer = helper.make_node("Gemm", ins, [y], name=name, transB=1)
-    else:
-        layer = helper.make_node("Conv", ins, [y], name=name, **attrs)
+    layer = L.kind.emit(name, f"{name}.act.dq", wname, bias, y, L.node)
     pm = st.a_params or {}
     lmeta = {"cwhawq.layer": name, "cwhawq.kind": info.kind, "cwhawq.w_bits": _jlist(st.w_bits),
              "cwhawq.perm": _jlist(L.perm), "cwhawq.a_bits": _jlist(st.a_bits),
@@ -569,7 +632,8 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
     nodes.append(layer)
     if L.unperm == "gather":
         inits.append(_const(f"{name}.unperm.indices", np.argsort(L.perm).astype(np.int64)))
-        nodes.append(helper.make_node("Gather", [y, f"{name}.unperm.indices"], [out], name=f"{name}/unperm", axis=1))
+        nodes.append(helper.make_node("Gather", [y, f"{name}.unperm.indices"], [out], name=f"{name}/unperm",
+                                      axis=axis))  # the output has the input's rank
     rep = {"name": name, "kind": info.kind, "weight_shape": list(info.weight_shape),
            "w_bits": _hist(st.w_bits), "a_bits": _hist(st.a_bits), "unperm": L.unperm,
            "fp32_bytes": 4 * int(info.params), "groups": group_rep,
@@ -579,7 +643,8 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
 
 def build_model(float_model: onnx.ModelProto, qm, sim, fmt: str, opset: int, sens=None):
     """Rewrite torch's float graph into the quantized graph (in place); returns the layer reports."""
-    view = _View(float_model)
+    view = OnnxGraph(float_model)
+    view.shapes  # inferred on the graph as torch wrote it, before any rewrite
     layers = _plan_layers(float_model, view, qm, sim)
     sens_by = {e.get("name"): e for e in (sens or {}).get("layers", [])} if sens else {}
     g = float_model.graph
@@ -603,28 +668,13 @@ def build_model(float_model: onnx.ModelProto, qm, sim, fmt: str, opset: int, sen
         reports.append(rep)
     del g.node[:]
     g.node.extend(new_nodes)
-    _prune(float_model)
+    prune(float_model)
     for op in float_model.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = opset
     ir = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
     float_model.ir_version = max(MIN_IR_VERSION, ir)
     return reports
-
-
-def _prune(model: onnx.ModelProto) -> None:
-    """Drop initializers and value_info no node reads any more (the float weights)."""
-    g = model.graph
-    used = {o.name for o in g.output}
-    for n in g.node:
-        used.update(i for i in n.input if i)
-        used.update(n.output)
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    vis = [v for v in g.value_info if v.name in used]
-    del g.value_info[:]
-    g.value_info.extend(vis)
 
 
 # ===================================================================================== runtime checks
@@ -668,13 +718,77 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
 
 
 # ===================================================================================== entry point
+def _build_and_open(float_model, qm, sim, fmt: str, opset: int, sens):
+    """The quantized graph (on a copy of torch's float graph), checked, and an onnxruntime session on it:
+    (model, session, format, layer reports, fallback note). A runtime that cannot run INT4/INT2
+    DequantizeLinear gets the same graph with INT8 containers (the note says so)."""
+    m = copy.deepcopy(float_model)
+    reports = build_model(m, qm, sim, fmt, opset, sens)
+    _check_onnx(m)
+    try:
+        return m, _ort_session(m.SerializeToString()), fmt, reports, None
+    except ExportError as exc:
+        if fmt != "qdq" or not any(t.data_type in (TensorProto.INT4, _INT2) for t in m.graph.initializer):
+            raise
+        import onnxruntime
+
+        fallback = (f"onnxruntime {onnxruntime.__version__} cannot run INT4/INT2 weights ({exc}); wrote "
+                    f"--format int8-container instead")
+    fmt = "int8-container"
+    m = float_model
+    reports = build_model(m, qm, sim, fmt, opset, sens)
+    _check_onnx(m)
+    return m, _ort_session(m.SerializeToString()), fmt, reports, fallback
+
+
+def _model_meta(plan, loaded, fmt, data, calib, calib_batches, act_scale, finetune_epochs) -> dict:
+    """The file's ``cwhawq.*`` annotations (docs/onnx-format.md)."""
+    return {
+        "cwhawq.version": __version__,
+        "cwhawq.format": fmt,
+        "cwhawq.plan": json.dumps(plan.to_dict()),
+        "cwhawq.model": str(plan.model or loaded.spec),
+        "cwhawq.model_sha256": str(plan.model_sha256 or loaded.info.get("sha256") or ""),
+        "cwhawq.budget": str(plan.budget or ""),
+        "cwhawq.method": str(plan.method or ""),
+        "cwhawq.search": json.dumps(plan.meta or {}),
+        "cwhawq.accuracy": json.dumps((plan.metrics or {}).get("accuracy")),
+        "cwhawq.calibration": json.dumps({"data": data if isinstance(data, str) else calib.name,
+                                          "split": "train" if isinstance(data, str) else calib.split,
+                                          "samples": len(calib), "seed": 1, "calib_batches": calib_batches,
+                                          "act_scale": act_scale, "finetune_epochs": finetune_epochs}),
+    }
+
+
+def _summary(out, loaded, plan, plan_src, qm, m, fmt, opset, reports, fp32_file, size, check, accuracy, fallback,
+             t0) -> dict:
+    """What :func:`export_onnx` returns (and ``cwhawq export`` prints)."""
+    nparams = sum(int(i.params) for i in qm.layer_infos)
+    hist: dict[str, float] = {}
+    for i in qm.layer_infos:
+        for b, c in _hist(plan[i.name].w_bits).items():
+            hist[b] = hist.get(b, 0.0) + c * i.weight_elems_per_channel / nparams
+    return {
+        "out": str(out), "model": loaded.spec, "plan": plan_src, "format": fmt, "opset": opset,
+        "ir_version": int(m.ir_version), "layers": reports,
+        "w_bits_hist": dict(sorted(hist.items(), key=lambda kv: -int(kv[0]))),
+        "fp32_weight_bytes": sum(r["fp32_bytes"] for r in reports),
+        "packed_weight_bytes": sum(r["packed_bytes"] for r in reports),
+        "fp32_file_bytes": fp32_file, "file_bytes": size,
+        "gathers": sum(r["unperm"] == "gather" for r in reports) + sum(
+            1 for n in m.graph.node if n.name.endswith("/perm_in")),
+        "folded": sum(r["unperm"].startswith("folded") for r in reports),
+        "verify": check, "accuracy": accuracy, "fallback": fallback, "seconds": round(time.time() - t0, 3),
+    }
+
+
 def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None = None,
                 meta: dict | None = None, *, data_dir: str | None = None, calib_batches: int = 4,
                 act_scale: str = "pow2", finetune_epochs: int = 0, sens=None, verify: int = 64,
                 eval_split: str | None = None, eval_limit: int | None = None, batch_size: int = 500) -> dict:
     """Export ``model`` (zoo:NAME, .pt2 or a LoadedModel) under ``plan`` (path or Plan) to ``out``.
 
-    The plan is simulated exactly as ``cwhawq eval --plan`` does (:func:`cwhawq.api.simulate_plan`;
+    The plan is simulated exactly as ``cwhawq eval --plan`` does (:func:`cwhawq.simulate.simulate_plan`;
     ``data`` is a dataset spec or a Dataset used as the calibration set; None: a zoo model's own
     dataset, any other model must be given its data). The data that calibrated the file is recorded in
     its ``cwhawq.calibration`` annotation. ``verify`` samples of the
@@ -682,12 +796,6 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
     (e.g. "test") also measures both accuracies on that split and records them in ``cwhawq.accuracy``.
     Returns a summary dict (layers, bits, sizes, opset, comparison). Nothing is written on error.
     """
-    from . import api
-    from .io import atomic_path
-    from .models import LoadedModel, load_model
-
-    from .checks import check_labels, check_outputs, data_file, load_sensitivity, model_classes, require_data
-
     t0 = time.time()
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: use {' or '.join(FORMATS)}")
@@ -708,78 +816,35 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
     else:
         raise ExportError("model must be a spec (zoo:NAME, .pt2) or a LoadedModel")
     if not hasattr(plan, "layers"):
-        from .plan import load_plan
-
         plan_src = str(plan)
         plan = load_plan(plan)
     else:
         plan_src = "<plan>"
     opset = _check_opset(plan, fmt, opset)
-    from .checks import check_plan_model
-    from .evaluate import check_input_shape
-
     check_plan_model(plan, loaded, f"plan {plan_src}" if plan_src != "<plan>" else "the plan")
     data = require_data(loaded, data, "calibrate it on")
-    calib = api.calibration_set(data, data_dir, calib_batches)
+    calib = calibration_set(data, data_dir, calib_batches)
     check_input_shape(loaded.input_shape, calib)
     if sens is not None:
         sens = load_sensitivity(sens, loaded)
     eval_ds = None
     if eval_split:
-        from .data import load as load_data
-
         eval_ds = load_data(data, eval_split, data_dir).subset(eval_limit)
         check_labels(eval_ds, model_classes(loaded))
-    qm, plan, sim = api.simulate_plan(loaded, plan, data if finetune_epochs else calib, data_dir, calib_batches,
-                                      act_scale, finetune_epochs)
-    float_model = _torch_export(qm, loaded.input_shape, opset)
+    qm, plan, sim = simulate_plan(loaded, plan, data if finetune_epochs else calib, data_dir, calib_batches,
+                                  act_scale, finetune_epochs)
+    float_model = torch_export(qm, loaded.input_shape, opset)
     fp32_file = len(float_model.SerializeToString())
-    m = copy.deepcopy(float_model)
-    reports = build_model(m, qm, sim, fmt, opset, sens)
-    _check_onnx(m)
-    fallback = None
-    try:
-        sess = _ort_session(m.SerializeToString())
-    except ExportError as exc:
-        if fmt != "qdq" or not any(t.data_type in (TensorProto.INT4, _INT2) for t in m.graph.initializer):
-            raise
-        # a runtime without INT4/INT2 DequantizeLinear: the same graph with INT8 containers
-        import onnxruntime
-
-        fallback = (f"onnxruntime {onnxruntime.__version__} cannot run INT4/INT2 weights ({exc}); wrote "
-                    f"--format int8-container instead")
-        fmt = "int8-container"
-        m = float_model
-        reports = build_model(m, qm, sim, fmt, opset, sens)
-        _check_onnx(m)
-        sess = _ort_session(m.SerializeToString())
-    model_meta = {
-        "cwhawq.version": __version__,
-        "cwhawq.format": fmt,
-        "cwhawq.plan": json.dumps(plan.to_dict()),
-        "cwhawq.model": str(plan.model or loaded.spec),
-        "cwhawq.model_sha256": str(plan.model_sha256 or loaded.info.get("sha256") or ""),
-        "cwhawq.budget": str(plan.budget or ""),
-        "cwhawq.method": str(plan.method or ""),
-        "cwhawq.search": json.dumps(plan.meta or {}),
-        "cwhawq.accuracy": json.dumps((plan.metrics or {}).get("accuracy")),
-        "cwhawq.calibration": json.dumps({"data": data if isinstance(data, str) else calib.name,
-                                          "split": "train" if isinstance(data, str) else calib.split,
-                                          "samples": len(calib), "seed": 1, "calib_batches": calib_batches,
-                                          "act_scale": act_scale, "finetune_epochs": finetune_epochs}),
-    }
+    m, sess, fmt, reports, fallback = _build_and_open(float_model, qm, sim, fmt, opset, sens)
+    model_meta = _model_meta(plan, loaded, fmt, data, calib, calib_batches, act_scale, finetune_epochs)
     for k, v in (meta or {}).items():
         model_meta[k if k.startswith("cwhawq.") else f"cwhawq.{k}"] = v if isinstance(v, str) else json.dumps(v)
     check = None
     if verify:
-        from .evaluate import predict
-
         sub = calib.subset(min(int(verify), len(calib)), seed=2)
         check = compare_logits(predict(qm, sub, batch_size), _ort_logits(sess, sub.x, batch_size))
     accuracy = None
     if eval_split:
-        from .evaluate import predict
-
         ds = eval_ds
         ref = predict(qm, ds, batch_size)
         got = _ort_logits(sess, ds.x, batch_size)
@@ -792,23 +857,8 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
     with atomic_path(out) as tmp:
         onnx.save_model(m, str(tmp))
         size = Path(tmp).stat().st_size
-    nparams = sum(int(i.params) for i in qm.layer_infos)
-    hist: dict[str, float] = {}
-    for i in qm.layer_infos:
-        for b, c in _hist(plan[i.name].w_bits).items():
-            hist[b] = hist.get(b, 0.0) + c * i.weight_elems_per_channel / nparams
-    return {
-        "out": str(out), "model": loaded.spec, "plan": plan_src, "format": fmt, "opset": opset,
-        "ir_version": int(m.ir_version), "layers": reports,
-        "w_bits_hist": dict(sorted(hist.items(), key=lambda kv: -int(kv[0]))),
-        "fp32_weight_bytes": sum(r["fp32_bytes"] for r in reports),
-        "packed_weight_bytes": sum(r["packed_bytes"] for r in reports),
-        "fp32_file_bytes": fp32_file, "file_bytes": size,
-        "gathers": sum(r["unperm"] == "gather" for r in reports) + sum(
-            1 for n in m.graph.node if n.name.endswith("/perm_in")),
-        "folded": sum(r["unperm"].startswith("folded") for r in reports),
-        "verify": check, "accuracy": accuracy, "fallback": fallback, "seconds": round(time.time() - t0, 3),
-    }
+    return _summary(out, loaded, plan, plan_src, qm, m, fmt, opset, reports, fp32_file, size, check, accuracy,
+                    fallback, t0)
 
 
 def summary_text(rep: dict) -> str:
@@ -853,19 +903,13 @@ def export_fp32(model, out, opset: int = 18) -> Path:
     The fp32 baseline of the same graph that :func:`export_onnx` writes, for onnxruntime and TVM
     latency comparisons.
     """
-    from .graph import qmodel_from_loaded
-    from .io import atomic_path
-    from .models import LoadedModel, load_model
-
-    from .checks import check_outputs
-
     if isinstance(model, str) and model.endswith(".onnx"):
         raise ExportError(f"{model}: export takes a PyTorch model (zoo:NAME or .pt2), not ONNX")
     check_outputs([("--out", out)], [("MODEL", model if isinstance(model, str) and not model.startswith("zoo:")
                                       else None)])
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     qm = qmodel_from_loaded(loaded, check=False)  # float only: any layer the graph can run is fine
-    proto = _torch_export(qm, loaded.input_shape, opset)
+    proto = torch_export(qm, loaded.input_shape, opset)
     _set_meta(proto, {"cwhawq.version": __version__, "cwhawq.model": loaded.spec,
                       "cwhawq.model_sha256": str(loaded.info.get("sha256") or ""), "cwhawq.format": "fp32"})
     onnx.checker.check_model(proto)

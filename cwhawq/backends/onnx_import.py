@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field, replace
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,9 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import CompileError
 from ..kernels import packing
 from ..kernels.problem import ActQuant, LinearOp, WeightGroup, channel_pad, conv_weight_matrix
+from ..onnx_graph import OnnxGraph, prune
+from ..onnx_graph import attrs as _attrs
+from . import tvm_compat
 
 CUSTOM_OP = "CwhawqLayer"
 CUSTOM_DOMAIN = "cwhawq"
@@ -165,63 +169,6 @@ class ImportResult:
         }
 
 
-# ===================================================================================== graph view
-class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        g = model.graph
-        self.inits = {t.name: t for t in g.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for o in n.output:
-                if o:
-                    self.producer[o] = n
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
-        self.graph_outputs = {o.name for o in g.output}
-        self._cache: dict[str, np.ndarray | None] = {}
-
-    def const(self, name: str):
-        """numpy value of an initializer or Constant output (None if computed)."""
-        if not name:
-            return None
-        if name in self._cache:
-            return self._cache[name]
-        val = None
-        if name in self.inits:
-            val = numpy_helper.to_array(self.inits[name])
-        else:
-            n = self.producer.get(name)
-            if n is not None and n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.name == "value":
-                        val = numpy_helper.to_array(a.t)
-        self._cache[name] = val
-        return val
-
-    def elem_type(self, name: str) -> int | None:
-        if name in self.inits:
-            return self.inits[name].data_type
-        n = self.producer.get(name)
-        if n is not None and n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    return a.t.data_type
-        return None
-
-    def single_consumer(self, name: str):
-        cons = self.consumers.get(name, [])
-        if len(cons) != 1 or name in self.graph_outputs:
-            return None
-        return cons[0]
-
-
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _meta(proto) -> dict:
     return {p.key: p.value for p in getattr(proto, "metadata_props", [])}
 
@@ -241,7 +188,7 @@ class _DQ:
     bits_meta: int | None
 
 
-def _match_const_dq(gr: _Graph, name: str) -> _DQ | None:
+def _match_const_dq(gr: OnnxGraph, name: str) -> _DQ | None:
     n = gr.producer.get(name)
     if n is None or n.op_type != "DequantizeLinear":
         return None
@@ -272,7 +219,7 @@ def _dq_float(d: _DQ) -> np.ndarray:
     return ((c - d.zero.reshape(shape)) * d.scale.reshape(shape)).astype(np.float32)
 
 
-def _weight_groups(gr: _Graph, name: str, layout: str):
+def _weight_groups(gr: OnnxGraph, name: str, layout: str):
     """Weight source -> ("fp32", array) or ("quant", [(codes [n,...], scales [n], bits_meta)]).
 
     ``layout``: "nk" (Conv, Gemm transB=1: output channels on axis 0) or "kn" (MatMul, Gemm
@@ -322,7 +269,7 @@ def _weight_groups(gr: _Graph, name: str, layout: str):
     return ("quant", parts)
 
 
-def _match_act(gr: _Graph, name: str, channels: int, chan_axis_ok):
+def _match_act(gr: OnnxGraph, name: str, channels: int, chan_axis_ok):
     """Activation quantizer feeding ``name`` -> (source tensor, ActQuant | None, absorbed nodes)."""
     dq = gr.producer.get(name)
     if dq is None or dq.op_type != "DequantizeLinear":
@@ -402,9 +349,86 @@ def _match_act(gr: _Graph, name: str, channels: int, chan_axis_ok):
     return src, act, absorbed
 
 
+# ===================================================================================== converters
+@dataclass
+class LayerWeights:
+    """What a converter finds at a layer node: its constant weights (``wsrc``, see
+    :func:`_weight_groups`) and geometry; the rest of the lowering (activation quantizer, bias,
+    output Gather/Add/Relu, packing) is the same for every operator."""
+
+    wsrc: tuple
+    kind: str                      # conv | depthwise | linear
+    cout: int
+    channels: int                  # channels of the activation quantizer it absorbs
+    act_axis_ok: Callable[[int], bool]
+    cin: int | None = None         # convolutions
+    kh: int | None = None
+    kw: int | None = None
+    k_flat: int | None = None      # dense layers: the reduction length
+
+
+#: ONNX op type -> converter ``(graph, node, attrs) -> LayerWeights | reason it is not lowered``
+CONVERTERS: dict[str, Callable] = {}
+
+
+def register_converter(*op_types: str):
+    """Decorator: lower nodes of these op types with the decorated converter."""
+    def deco(fn):
+        for op in op_types:
+            CONVERTERS[op] = fn
+        return fn
+    return deco
+
+
+_NOT_CONST = "weights are not constant (or not a per-channel DequantizeLinear of constants)"
+
+
+@register_converter("Conv")
+def _conv_weights(gr: OnnxGraph, node, at: dict):
+    wsrc = _weight_groups(gr, node.input[1], "nk")
+    if wsrc is None:
+        return _NOT_CONST
+    wshape = (wsrc[1].shape if wsrc[0] == "fp32" else
+              (sum(p[0].shape[0] for p in wsrc[1]),) + wsrc[1][0][0].shape[1:])
+    if len(wshape) != 4:
+        return "only 2-D convolutions are lowered"
+    group = int(at.get("group", 1))
+    cout, cg, kh, kw = (int(v) for v in wshape)
+    cin = cg * group
+    if group != 1 and not (cg == 1 and cout % group == 0):
+        return f"grouped convolution (group={group}) is not lowered"
+    return LayerWeights(wsrc, "conv" if group == 1 else "depthwise", cout, cin, lambda ax: ax in (1, -3),
+                        cin=cin, kh=kh, kw=kw)
+
+
+@register_converter("Gemm", "MatMul")
+def _dense_weights(gr: OnnxGraph, node, at: dict):
+    if node.op_type == "Gemm":
+        if int(at.get("transA", 0)) != 0:
+            return "Gemm with transA=1 is not lowered"
+        if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
+            return "Gemm with alpha/beta != 1 is not lowered"
+        layout = "nk" if int(at.get("transB", 0)) == 1 else "kn"
+    else:
+        layout = "kn"
+    wsrc = _weight_groups(gr, node.input[1], layout)
+    if wsrc is None:
+        return _NOT_CONST
+    if wsrc[0] == "fp32":
+        if wsrc[1].ndim != 2:
+            return "only 2-D weights are lowered"
+        cout, k_flat = wsrc[1].shape
+    else:
+        if any(p[0].ndim != 2 for p in wsrc[1]):
+            return "only 2-D weights are lowered"
+        cout = sum(p[0].shape[0] for p in wsrc[1])
+        k_flat = wsrc[1][0][0].shape[1]
+    return LayerWeights(wsrc, "linear", cout, k_flat, lambda ax: ax in (1, -1), k_flat=k_flat)
+
+
 class _Lowerer:
     def __init__(self, model: onnx.ModelProto, fp32_kernels: bool):
-        self.gr = _Graph(model)
+        self.gr = OnnxGraph(model)
         self.fp32_kernels = fp32_kernels
         self.layers: list[LayerPlan] = []
         self.fallbacks: list[dict] = []
@@ -412,7 +436,7 @@ class _Lowerer:
 
     def run(self):
         for node in list(self.gr.model.graph.node):
-            if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            if node.op_type not in CONVERTERS:
                 continue
             reason = self._try(node)
             if reason is not None:
@@ -422,47 +446,11 @@ class _Lowerer:
         gr = self.gr
         at = _attrs(node)
         meta = _meta(node)
-        if node.op_type == "Conv":
-            wsrc = _weight_groups(gr, node.input[1], "nk")
-            if wsrc is None:
-                return "weights are not constant (or not a per-channel DequantizeLinear of constants)"
-            wshape = (wsrc[1].shape if wsrc[0] == "fp32" else
-                      (sum(p[0].shape[0] for p in wsrc[1]),) + wsrc[1][0][0].shape[1:])
-            if len(wshape) != 4:
-                return "only 2-D convolutions are lowered"
-            group = int(at.get("group", 1))
-            cout, cg, kh, kw = (int(v) for v in wshape)
-            cin = cg * group
-            if group != 1 and not (cg == 1 and cout % group == 0):
-                return f"grouped convolution (group={group}) is not lowered"
-            kind = "conv" if group == 1 else "depthwise"
-            channels = cin
-            act_axis_ok = lambda ax: ax in (1, -3)  # noqa: E731
-            k_flat = None
-        else:
-            if node.op_type == "Gemm":
-                if int(at.get("transA", 0)) != 0:
-                    return "Gemm with transA=1 is not lowered"
-                if float(at.get("alpha", 1.0)) != 1.0 or float(at.get("beta", 1.0)) != 1.0:
-                    return "Gemm with alpha/beta != 1 is not lowered"
-                layout = "nk" if int(at.get("transB", 0)) == 1 else "kn"
-            else:
-                layout = "kn"
-            wsrc = _weight_groups(gr, node.input[1], layout)
-            if wsrc is None:
-                return "weights are not constant (or not a per-channel DequantizeLinear of constants)"
-            if wsrc[0] == "fp32":
-                if wsrc[1].ndim != 2:
-                    return "only 2-D weights are lowered"
-                cout, k_flat = wsrc[1].shape
-            else:
-                if any(p[0].ndim != 2 for p in wsrc[1]):
-                    return "only 2-D weights are lowered"
-                cout = sum(p[0].shape[0] for p in wsrc[1])
-                k_flat = wsrc[1][0][0].shape[1]
-            kind = "linear"
-            channels = k_flat
-            act_axis_ok = lambda ax: ax in (1, -1)  # noqa: E731
+        found = CONVERTERS[node.op_type](gr, node, at)
+        if isinstance(found, str):
+            return found
+        wsrc, kind, cout, channels, act_axis_ok = found.wsrc, found.kind, found.cout, found.channels, found.act_axis_ok
+        cin, kh, kw, k_flat = found.cin, found.kh, found.kw, found.k_flat
         if wsrc[0] == "fp32" and not self.fp32_kernels:
             return "fp32 layer (kernels disabled)"
         # bias
@@ -481,7 +469,7 @@ class _Lowerer:
         source, act, absorbed = _match_act(gr, node.input[0], channels, act_axis_ok)
         if act is not None and wsrc[0] == "fp32":
             source, act, absorbed = node.input[0], None, []  # fp32 kernels take the dequantized input
-        if len(self.gr.consumers.get(node.output[0], [])) == 0 and node.output[0] not in gr.graph_outputs:
+        if len(self.gr.consumers.get(node.output[0], [])) == 0 and node.output[0] not in gr.outputs:
             return "output unused"
         # output side: Gather (channel order), Add (residual), Relu
         replaced = [node.name]
@@ -627,35 +615,11 @@ def _rewrite(model: onnx.ModelProto, layers: list[LayerPlan]) -> onnx.ModelProto
             new_nodes.append(n)
     del g.node[:]
     g.node.extend(new_nodes)
-    _dce(m)
+    prune(m)
     _widen_low_bit(m)
     if not any(op.domain == CUSTOM_DOMAIN for op in m.opset_import):
         m.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
     return m
-
-
-def _dce(m: onnx.ModelProto) -> None:
-    g = m.graph
-    outputs = {o.name for o in g.output}
-    changed = True
-    while changed:
-        used = set(outputs)
-        for n in g.node:
-            used.update(i for i in n.input if i)
-        keep = [n for n in g.node if any(o in used for o in n.output if o)]
-        changed = len(keep) != len(g.node)
-        if changed:
-            del g.node[:]
-            g.node.extend(keep)
-    used = set(outputs)
-    for n in g.node:
-        used.update(i for i in n.input if i)
-    inits = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    vis = [v for v in g.value_info if v.name in used]
-    del g.value_info[:]
-    g.value_info.extend(vis)
 
 
 def _widen_low_bit(m: onnx.ModelProto) -> None:
@@ -768,9 +732,7 @@ def _io(vis) -> list[dict]:
 
 def check_supported(model: onnx.ModelProto) -> None:
     """Every remaining operator must be known to TVM's importer (one-line error otherwise)."""
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map  # noqa: PLC0415
-
-    known = set(_get_convert_map()) | {"Constant", "If", CUSTOM_OP}
+    known = tvm_compat.onnx_converter_ops() | {"Constant", "If", CUSTOM_OP}
     bad = [(n.op_type, n.name or n.output[0]) for n in model.graph.node if n.op_type not in known]
     if bad:
         first = ", ".join(f"{op} (node {nm!r})" for op, nm in bad[:3])
@@ -826,7 +788,7 @@ def analyze(model: onnx.ModelProto, kernels: bool = True, fp32_kernels: bool = T
         layers, fallbacks = low.layers, low.fallbacks
     else:
         layers, fallbacks = [], [{"node": n.name or n.output[0], "op": n.op_type, "reason": "kernels disabled"}
-                                 for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+                                 for n in model.graph.node if n.op_type in CONVERTERS]
     rewritten = _rewrite(model, layers)
     check_supported(rewritten)
     _assign_layouts(rewritten, layers)
@@ -838,7 +800,6 @@ def analyze(model: onnx.ModelProto, kernels: bool = True, fp32_kernels: bool = T
 def to_relax(result: ImportResult, isa: str, batch: int | None = None):
     """Import the rewritten graph into a Relax IRModule with the packed kernels in place."""
     from tvm import relax, tirx  # noqa: PLC0415
-    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter  # noqa: PLC0415
 
     layers = result.layers
     shape_dict = {}
@@ -857,15 +818,10 @@ def to_relax(result: ImportResult, isa: str, batch: int | None = None):
 
     fused_ctx: dict = {}
 
-    class _Importer(ONNXGraphImporter):
-        def _check_for_unsupported_ops(self, graph):  # checked by check_supported()
-            return None
+    def convert_layer(bb, inputs, attrs):
+        return _emit_layer(bb, layers[int(attrs["index"])], list(inputs), isa, layers, fused_ctx)
 
-        def _convert_operator(self, op_name, inputs, attrs, opset):
-            if op_name == CUSTOM_OP:
-                lp = layers[int(attrs["index"])]
-                return _emit_layer(self.bb, lp, list(inputs), isa, layers, fused_ctx)
-            return super()._convert_operator(op_name, inputs, attrs, opset)
+    _Importer = tvm_compat.onnx_importer({CUSTOM_OP: convert_layer})
 
     opset = 1
     for o in result.model.opset_import:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CompileError
+from . import tvm_compat
 
 AARCH64_CXX = "aarch64-linux-gnu-g++"
 DEFAULT_CUDA_ARCH = "sm_80"
@@ -227,8 +228,7 @@ def ensure_cuda_runtime() -> bool:
     With a driver this just loads it; without one a stub ``libcuda.so.1`` is built (once, in the
     user cache) and loaded first. Returns True when a real driver is present.
     """
-    from tvm.base import _LOADED_LIBS  # noqa: PLC0415
-
+    _LOADED_LIBS = tvm_compat.loaded_libs()
     driver = has_cuda_driver()
     if "tvm_runtime_cuda" in _LOADED_LIBS:
         return driver
@@ -249,7 +249,7 @@ def ensure_cuda_runtime() -> bool:
         ctypes.CDLL(str(stub), mode=ctypes.RTLD_GLOBAL)
     from tvm_ffi.libinfo import load_lib_ctypes  # noqa: PLC0415
 
-    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    runtime_dir = Path(tvm_compat.lib_path(_LOADED_LIBS["tvm_runtime"])).resolve().parent
     try:
         _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
             package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")

@@ -7,9 +7,10 @@ metrics, the latency hook), :mod:`.reward` (plan -> reward on the validation sub
 """
 from .costs import BudgetError, CostModel, make_cost_model
 from .ddpg import DDPG, DDPGConfig
-from .env import QuantSearchEnv, SensitivityError, stick_action, stick_ratios
-from .reward import PlanEvaluator
-from .runner import SearchError, search
+from .env import ENFORCE_MODES, QuantSearchEnv, SensitivityError, register_enforce_mode, stick_action, stick_ratios
+from .reward import REWARDS, PlanEvaluator, register_reward
+from .runner import SearchConfig, SearchError, search
 
-__all__ = ["search", "SearchError", "BudgetError", "SensitivityError", "CostModel", "make_cost_model", "DDPG",
-           "DDPGConfig", "QuantSearchEnv", "PlanEvaluator", "stick_ratios", "stick_action"]
+__all__ = ["search", "SearchConfig", "SearchError", "BudgetError", "SensitivityError", "CostModel", "make_cost_model",
+           "DDPG", "DDPGConfig", "QuantSearchEnv", "PlanEvaluator", "stick_ratios", "stick_action", "ENFORCE_MODES",
+           "register_enforce_mode", "REWARDS", "register_reward"]

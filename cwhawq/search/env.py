@@ -57,6 +57,8 @@ Budget enforcement (exact; least sensitive first)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -65,7 +67,6 @@ from ..plan import Budget, LayerPlan, Plan, assign_bits
 from .costs import BudgetError, CostModel
 
 KINDS = ("conv", "depthwise", "linear")
-ENFORCE_MODES = ("omega", "layers")
 N_BUDGET_FEATURES = 4
 DEMOTE_CHUNK = 8   # a layer demotes up to ceil(channels / DEMOTE_CHUNK) channels per pass
 
@@ -150,6 +151,28 @@ class _Side:
         return out
 
 
+@dataclass(frozen=True)
+class EnforceMode:
+    """A budget enforcement mode (``enforce=NAME``): ``run(env) -> channel demotions`` lowers the
+    finished plan until the budget is met; where ``applies(env)`` is False, ``fallback`` runs instead."""
+
+    name: str
+    run: Callable
+    applies: Callable = lambda env: True
+    fallback: str | None = None
+
+
+#: enforcement modes by name (the module docstring describes them); registered below the environment
+ENFORCE_MODES: dict[str, EnforceMode] = {}
+
+
+def register_enforce_mode(name: str, run: Callable, applies: Callable | None = None,
+                          fallback: str | None = None) -> EnforceMode:
+    mode = EnforceMode(name, run, applies or (lambda env: True), fallback)
+    ENFORCE_MODES[name] = mode
+    return mode
+
+
 class QuantSearchEnv:
     """Layer-by-layer MDP over bit ratios with exact budget enforcement.
 
@@ -171,7 +194,7 @@ class QuantSearchEnv:
         if self.action_dim == 0:
             raise BudgetError("nothing to search: one weight bit-width and one activation bit-width")
         if enforce not in ENFORCE_MODES:
-            raise ValueError(f"enforce must be one of {ENFORCE_MODES}, got {enforce!r}")
+            raise ValueError(f"enforce must be one of {tuple(ENFORCE_MODES)}, got {enforce!r}")
         self.enforce_mode = enforce
         if not 0.0 <= action_margin < 0.5:
             raise ValueError(f"action_margin must be in [0, 0.5), got {action_margin}")
@@ -372,9 +395,10 @@ class QuantSearchEnv:
         """Demote channels until the budget is met (see the module docstring); returns the number of
         channel demotions."""
         assert self.t == self.L, "enforce() after the last layer's step"
-        if self.enforce_mode == "omega" and self.cost.separable and self._omega is not None:
-            return self._enforce_omega()
-        return self._enforce_layers()
+        mode = ENFORCE_MODES[self.enforce_mode]
+        while not mode.applies(self):
+            mode = ENFORCE_MODES[mode.fallback]
+        return mode.run(self)
 
     def _limit_ok(self, v: float) -> bool:
         return self.budget.satisfied({self.cost.metric: v})
@@ -524,3 +548,8 @@ class QuantSearchEnv:
                 "w_ratios": [(s.counts / s.n).round(6).tolist() for s in self._w],
                 "a_ratios": [(s.counts / s.n).round(6).tolist() for s in self._a] if self.dim_a else None}
         return plan, info
+
+
+register_enforce_mode("omega", QuantSearchEnv._enforce_omega, fallback="layers",
+                      applies=lambda env: env.cost.separable and env._omega is not None)
+register_enforce_mode("layers", QuantSearchEnv._enforce_layers)

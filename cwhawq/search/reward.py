@@ -2,7 +2,7 @@
 to fp32 on the same samples.
 
 - The plan is installed with the shared :class:`cwhawq.quantize.Quantizer` (activation ranges
-  calibrated once, exactly as ``cwhawq eval --plan`` does: :func:`cwhawq.api.calibration_set`,
+  calibrated once, exactly as ``cwhawq eval --plan`` does: :func:`cwhawq.simulate.calibration_set`,
   4 x 128 train samples, seed 1; per-bit weights cached, so a plan installs in a few ms).
 - It is evaluated on a fixed subset of the ``val`` split (default the first 1000 samples of its
   seeded permutation: ``data.load(spec, 'val').subset(1000)``), in batches of 250.
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,7 +34,35 @@ from ..graph import QModel
 from ..plan import Plan
 from ..quantize import ActQuant, Quantizer, finetune
 
-REWARDS = ("acc", "loss")
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A reward (``reward=NAME``): ``fn(accuracy, loss, fp32_accuracy, fp32_loss) -> R`` on the validation subset."""
+
+    name: str
+    fn: Callable[[float, float, float, float], float]
+
+
+REWARDS: dict[str, Reward] = {}
+
+
+def register_reward(name: str):
+    """Decorator: register ``fn(accuracy, loss, fp32_accuracy, fp32_loss) -> reward`` as ``name``."""
+    def deco(fn):
+        REWARDS[name] = Reward(name, fn)
+        return fn
+    return deco
+
+
+@register_reward("acc")
+def _accuracy_reward(acc: float, loss: float, acc0: float, loss0: float) -> float:
+    return 10.0 * (acc - acc0)
+
+
+@register_reward("loss")
+def _loss_reward(acc: float, loss: float, acc0: float, loss0: float) -> float:
+    return -(loss - loss0)
 
 
 class _FastActQuant:
@@ -67,7 +97,7 @@ class PlanEvaluator:
                  batch_size: int = 250, finetune_steps: int = 0, train: Dataset | None = None,
                  finetune_lr: float = 1e-3, w_bits=(2, 4, 8)):
         if reward not in REWARDS:
-            raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+            raise ValueError(f"reward must be one of {tuple(REWARDS)}, got {reward!r}")
         if finetune_steps and train is None:
             raise ValueError("finetune_steps needs the train split")
         self.qm, self.quantizer, self.val = qm, quantizer, val
@@ -98,9 +128,7 @@ class PlanEvaluator:
         return correct / n, (loss if np.isfinite(loss) else 1e3)
 
     def reward_of(self, accuracy: float, loss: float) -> float:
-        if self.reward_kind == "acc":
-            return 10.0 * (accuracy - self.fp32_accuracy)
-        return -(loss - self.fp32_loss)
+        return REWARDS[self.reward_kind].fn(accuracy, loss, self.fp32_accuracy, self.fp32_loss)
 
     def __call__(self, plan: Plan) -> dict:
         key = plan_key(plan)

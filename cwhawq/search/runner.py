@@ -18,20 +18,29 @@ Files (defaults derived from ``out``, e.g. ``plan.json``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import data as D
+from ..checks import check_labels, check_same_model, load_sensitivity, model_classes, model_identity, require_data
 from ..errors import CwhawqError
+from ..evaluate import check_input_shape
+from ..graph import qmodel_from_loaded
 from ..io import atomic_path, write_text
+from ..models import load_model
 from ..plan import Budget, parse_budget, plan_from_dict, plan_metrics
+from ..quantize import Quantizer
+from ..simulate import calibration_set, parse_bits
 from .costs import make_cost_model
 from .ddpg import DDPG, DDPGConfig
 from .env import ENFORCE_MODES, QuantSearchEnv, sensitivity_by_layer
@@ -52,8 +61,6 @@ class SearchError(CwhawqError):
 
 def parse_a_bits(a_bits, bit_set) -> tuple[int, ...]:
     """``8`` (all channels), ``mixed`` (the weight bit set) or a list such as ``4,8``."""
-    from ..api import parse_bits
-
     if isinstance(a_bits, int):
         return parse_bits([a_bits])
     if str(a_bits).strip() == "mixed":
@@ -89,53 +96,80 @@ def _round(x, nd=6):
     return None if x is None else round(float(x), nd)
 
 
-def search(model: str, data: str | None = None, sens=None, budget="size:0.125", episodes: int = 300,
-           out: str | None = None, seed: int = 0, resume: bool = False, bits="2,4,8", a_bits="8",
-           data_dir: str | None = None, log: str | None = None, checkpoint: str | None = None,
-           checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
-           calib_batches: int = 4, act_scale: str = "pow2", enforce: str = "omega", action_margin: float = 0.0,
-           latency=None, latency_weight: float = 0.0, progress: bool = False, on_episode=None, **agent_options):
-    """DDPG search of a channel-wise mixed-precision plan for ``model`` under ``budget``.
+@dataclass
+class SearchConfig:
+    """One search run (:func:`search`): what ``cwhawq search`` and :func:`cwhawq.api.search` pass on.
+
+    ``agent``: :class:`DDPGConfig` fields (warmup, hidden, lr_actor, lr_critic, tau, discount, batch_size,
+    buffer_size, sigma, sigma_decay, sigma_min, init_action, baseline_alpha, updates_per_step,
+    greedy_every). ``latency``: a measured latency model, a :class:`cwhawq.latency.LatencyTable` or a
+    cost model (see :mod:`cwhawq.search.costs`): needed by ``latency:`` budgets, and by
+    ``latency_weight`` > 0, which adds ``latency_weight * (1 - T/T_fp32)`` (the predicted latency ratio)
+    to the reward (see :mod:`cwhawq.search.reward`). ``reward``: a name of
+    :data:`cwhawq.search.reward.REWARDS`; ``enforce`` (a name of :data:`cwhawq.search.env.ENFORCE_MODES`)
+    and ``action_margin``: see :mod:`cwhawq.search.env`. ``on_episode(record)`` is called after every
+    episode.
+    """
+
+    model: str
+    data: str | None = None
+    sens: object = None
+    budget: object = "size:0.125"
+    episodes: int = 300
+    out: str | None = None
+    seed: int = 0
+    resume: bool = False
+    bits: object = "2,4,8"
+    a_bits: object = "8"
+    data_dir: str | None = None
+    log: str | None = None
+    checkpoint: str | None = None
+    checkpoint_every: int = 5
+    val_samples: int = 1000
+    reward: str = "acc"
+    finetune_steps: int = 0
+    calib_batches: int = 4
+    act_scale: str = "pow2"
+    enforce: str = "omega"
+    action_margin: float = 0.0
+    latency: object = None
+    latency_weight: float = 0.0
+    progress: bool = False
+    on_episode: object = None
+    agent: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, *args, **kwargs) -> "SearchConfig":
+        """The config of a call in the keyword style (``search(model, data, sens=..., warmup=20, ...)``):
+        arguments in field order, agent options (:class:`DDPGConfig` fields) as extra keywords."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "agent"]
+        if len(args) > len(names):
+            raise TypeError(f"search() takes at most {len(names)} positional arguments")
+        given = dict(zip(names, args))
+        for k in kwargs:
+            if k in given:
+                raise TypeError(f"search() got multiple values for argument {k!r}")
+        own = {k: v for k, v in kwargs.items() if k in names}
+        agent = {k: v for k, v in kwargs.items() if k not in names}
+        return cls(**given, **own, agent=agent)
+
+
+def search(*args, **kwargs):
+    """DDPG search of a channel-wise mixed-precision plan under a budget: ``search(SearchConfig(...))``,
+    or the same fields as arguments (``search(model, data, sens=..., budget=..., warmup=20)``, see
+    :meth:`SearchConfig.of`).
 
     Returns the best plan found (a :class:`cwhawq.plan.Plan`, method ``ddpg``, meeting the budget),
-    written to ``out`` when given. ``agent_options`` are :class:`DDPGConfig` fields (warmup, hidden,
-    lr_actor, lr_critic, tau, discount, batch_size, buffer_size, sigma, sigma_decay, sigma_min,
-    init_action, baseline_alpha, updates_per_step, greedy_every). ``latency``: a measured latency model,
-    a :class:`cwhawq.latency.LatencyTable` or a cost model (see :mod:`cwhawq.search.costs`): needed by
-    ``latency:`` budgets, and by ``latency_weight`` > 0, which adds ``latency_weight * (1 - T/T_fp32)``
-    (the predicted latency ratio) to the accuracy reward (see :mod:`cwhawq.search.reward`). ``enforce`` (``omega`` or ``layers``) and
-    ``action_margin``: see :mod:`cwhawq.search.env`. ``on_episode(record)`` is called after every episode.
+    written to ``out`` when given.
     """
-    from .. import data as D
-    from ..api import calibration_set, parse_bits
-    from ..evaluate import check_input_shape
-    from ..graph import qmodel_from_loaded
-    from ..checks import (check_labels, check_same_model, load_sensitivity, model_classes, model_identity,
-                          require_data)
-    from ..models import load_model
-    from ..quantize import Quantizer
+    if len(args) == 1 and not kwargs and isinstance(args[0], SearchConfig):
+        cfg = args[0]
+    else:
+        cfg = SearchConfig.of(*args, **kwargs)
+    return _Search(cfg).run()
 
-    t_start = time.perf_counter()
-    # ---- options (cheap checks first)
-    bud = budget if isinstance(budget, Budget) else parse_budget(budget)
-    w_set = parse_bits(bits)
-    a_set = parse_a_bits(a_bits, w_set)
-    if episodes < 1:
-        raise SearchError("episodes must be >= 1")
-    if checkpoint_every < 1:
-        raise SearchError("checkpoint_every must be >= 1")
-    if enforce not in ENFORCE_MODES:
-        raise SearchError(f"enforce must be one of {', '.join(ENFORCE_MODES)}, got {enforce!r}")
-    if reward not in REWARDS:
-        raise SearchError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
-    if not (math.isfinite(latency_weight) and latency_weight >= 0):
-        raise SearchError(f"latency_weight must be >= 0, got {latency_weight}")
-    if latency_weight and latency is None:
-        raise SearchError("a latency weight needs a latency table (--target T or --latency-table FILE)")
-    unknown = set(agent_options) - set(DDPGConfig.__dataclass_fields__)
-    if unknown:
-        raise SearchError(f"unknown agent option(s): {', '.join(sorted(unknown))}")
-    cfg = DDPGConfig(**agent_options)
+
+def _check_range(cfg: DDPGConfig) -> None:
     if cfg.batch_size < 1 or cfg.buffer_size < 1 or cfg.hidden < 1 or cfg.warmup < 0:
         raise SearchError("batch_size, buffer_size and hidden must be >= 1, warmup >= 0")
     for name, lo, hi, lo_open in (("lr_actor", 0, math.inf, True), ("lr_critic", 0, math.inf, True),
@@ -145,56 +179,111 @@ def search(model: str, data: str | None = None, sens=None, budget="size:0.125", 
         v = float(getattr(cfg, name))
         if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
             raise SearchError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
-    if sens is None:
-        raise SearchError("the search needs a sensitivity file (--sens, from cwhawq analyze)")
-    sens_d = load_sensitivity(sens)
-    sens_src = "sensitivity" if isinstance(sens, dict) else str(sens)
-    out_p = Path(out) if out else None
-    log_p = Path(log) if log else (out_p.with_suffix(".jsonl") if out_p else None)
-    ckpt_p = Path(checkpoint) if checkpoint else (out_p.with_suffix(".ckpt") if out_p else None)
-    if resume and ckpt_p is None:
-        raise SearchError("resume needs a checkpoint path (--checkpoint, or --out to derive it)")
+
+
+class _Search:
+    """One run: :meth:`_options` (cheap checks), :meth:`_setup` (model, data, environment, agent),
+    :meth:`_resume`, :meth:`_episodes`, :meth:`_best_plan`."""
+
+    def __init__(self, cfg: SearchConfig):
+        self.cfg = cfg
+
+    def run(self):
+        t_start = time.perf_counter()
+        self._options()
+        self._setup()
+        self._resume()
+        self.setup_seconds = time.perf_counter() - t_start
+        if self.log_p is not None:
+            _truncate_log(self.log_p, self.start)
+        self._episodes()
+        return self._best_plan()
+
+    # ---- options (cheap checks first)
+    def _options(self) -> None:
+        c = self.cfg
+        self.bud = c.budget if isinstance(c.budget, Budget) else parse_budget(c.budget)
+        self.w_set = parse_bits(c.bits)
+        self.a_set = parse_a_bits(c.a_bits, self.w_set)
+        if c.episodes < 1:
+            raise SearchError("episodes must be >= 1")
+        if c.checkpoint_every < 1:
+            raise SearchError("checkpoint_every must be >= 1")
+        if c.enforce not in ENFORCE_MODES:
+            raise SearchError(f"enforce must be one of {', '.join(ENFORCE_MODES)}, got {c.enforce!r}")
+        if c.reward not in REWARDS:
+            raise SearchError(f"reward must be one of {', '.join(REWARDS)}, got {c.reward!r}")
+        if not (math.isfinite(c.latency_weight) and c.latency_weight >= 0):
+            raise SearchError(f"latency_weight must be >= 0, got {c.latency_weight}")
+        if c.latency_weight and c.latency is None:
+            raise SearchError("a latency weight needs a latency table (--target T or --latency-table FILE)")
+        unknown = set(c.agent) - set(DDPGConfig.__dataclass_fields__)
+        if unknown:
+            raise SearchError(f"unknown agent option(s): {', '.join(sorted(unknown))}")
+        self.agent_cfg = DDPGConfig(**c.agent)
+        _check_range(self.agent_cfg)
+        if c.sens is None:
+            raise SearchError("the search needs a sensitivity file (--sens, from cwhawq analyze)")
+        self.sens_d = load_sensitivity(c.sens)
+        self.sens_src = "sensitivity" if isinstance(c.sens, dict) else str(c.sens)
+        out_p = Path(c.out) if c.out else None
+        self.out_p = out_p
+        self.log_p = Path(c.log) if c.log else (out_p.with_suffix(".jsonl") if out_p else None)
+        self.ckpt_p = Path(c.checkpoint) if c.checkpoint else (out_p.with_suffix(".ckpt") if out_p else None)
+        if c.resume and self.ckpt_p is None:
+            raise SearchError("resume needs a checkpoint path (--checkpoint, or --out to derive it)")
 
     # ---- model, data, environment
-    loaded = load_model(model)
-    check_same_model(sens_d.get("model"), sens_d.get("model_sha256"), loaded,
-                     "the sensitivity" if isinstance(sens, dict) else f"sensitivity file {sens}")
-    data = require_data(loaded, data, "search on")
-    qm = qmodel_from_loaded(loaded)
-    infos = qm.layer_infos
-    sensitivity_by_layer(sens_d, infos, sens_src)
-    all_bits = tuple(sorted(set(w_set) | set(a_set)))
-    table = latency if hasattr(latency, "cost_model") else None
-    if table is not None:
-        latency = table.cost_model(infos)
-    lat_cost = None if latency is None else make_cost_model(Budget("latency", 1.0), infos, latency, all_bits)
-    cost = make_cost_model(bud, infos, latency, all_bits)
-    if not 0.0 <= action_margin < 0.5:
-        raise SearchError(f"action_margin must be in [0, 0.5), got {action_margin}")
-    env = QuantSearchEnv(infos, sens_d, bud, cost, w_set, a_set, enforce=enforce, action_margin=action_margin)
-    val = D.load(data, "val", data_dir).subset(val_samples)
-    check_input_shape(loaded.input_shape, val)
-    check_labels(val, model_classes(loaded))
-    calib = calibration_set(data, data_dir, calib_batches)
-    quantizer = Quantizer(qm, calib, act_scale=act_scale)
-    train = D.load(data, "train", data_dir) if finetune_steps else None
-    if train is not None:
-        check_labels(train, model_classes(loaded))
-    evaluator = PlanEvaluator(qm, quantizer, val, reward, finetune_steps=finetune_steps, train=train, w_bits=w_set)
-    agent = DDPG(env.state_dim, env.action_dim, cfg, seed=seed)
+    def _setup(self) -> None:
+        c = self.cfg
+        loaded = self.loaded = load_model(c.model)
+        check_same_model(self.sens_d.get("model"), self.sens_d.get("model_sha256"), loaded,
+                         "the sensitivity" if isinstance(c.sens, dict) else f"sensitivity file {c.sens}")
+        data = self.data = require_data(loaded, c.data, "search on")
+        qm = qmodel_from_loaded(loaded)
+        infos = self.infos = qm.layer_infos
+        sensitivity_by_layer(self.sens_d, infos, self.sens_src)
+        all_bits = tuple(sorted(set(self.w_set) | set(self.a_set)))
+        latency = c.latency
+        self.table = table = latency if hasattr(latency, "cost_model") else None
+        if table is not None:
+            latency = table.cost_model(infos)
+        self.latency = latency
+        self.lat_cost = None if latency is None else make_cost_model(Budget("latency", 1.0), infos, latency, all_bits)
+        self.cost = make_cost_model(self.bud, infos, latency, all_bits)
+        if not 0.0 <= c.action_margin < 0.5:
+            raise SearchError(f"action_margin must be in [0, 0.5), got {c.action_margin}")
+        self.env = QuantSearchEnv(infos, self.sens_d, self.bud, self.cost, self.w_set, self.a_set, enforce=c.enforce,
+                                  action_margin=c.action_margin)
+        val = self.val = D.load(data, "val", c.data_dir).subset(c.val_samples)
+        check_input_shape(loaded.input_shape, val)
+        check_labels(val, model_classes(loaded))
+        calib = calibration_set(data, c.data_dir, c.calib_batches)
+        quantizer = Quantizer(qm, calib, act_scale=c.act_scale)
+        train = D.load(data, "train", c.data_dir) if c.finetune_steps else None
+        if train is not None:
+            check_labels(train, model_classes(loaded))
+        self.evaluator = PlanEvaluator(qm, quantizer, val, c.reward, finetune_steps=c.finetune_steps, train=train,
+                                       w_bits=self.w_set)
+        self.agent = DDPG(self.env.state_dim, self.env.action_dim, self.agent_cfg, seed=c.seed)
+        self.config = {
+            "model": c.model, "data": data, "budget": str(self.bud), "w_bits": list(self.w_set),
+            "a_bits": list(self.a_set), "seed": int(c.seed), "reward": c.reward, "val_samples": int(c.val_samples),
+            "finetune_steps": int(c.finetune_steps), "calib_batches": int(c.calib_batches), "act_scale": c.act_scale,
+            "enforce": c.enforce, "action_margin": float(c.action_margin), "agent": self.agent_cfg.to_dict(),
+            "latency_weight": float(c.latency_weight),
+            "latency": None if latency is None else (_sha1_json({k: table.data.get(k) for k in _TABLE_ID})
+                                                      if table is not None else "model"),
+            "layers": [i.name for i in infos],
+            "sens_sha1": _sha1_json([[l.get("name"), l.get("weight", {}).get("trace"),
+                                      l.get("activation", {}).get("trace")] for l in self.sens_d["layers"]])}
 
-    config = {"model": model, "data": data, "budget": str(bud), "w_bits": list(w_set), "a_bits": list(a_set),
-              "seed": int(seed), "reward": reward, "val_samples": int(val_samples),
-              "finetune_steps": int(finetune_steps), "calib_batches": int(calib_batches), "act_scale": act_scale,
-              "enforce": enforce, "action_margin": float(action_margin), "agent": cfg.to_dict(),
-              "latency_weight": float(latency_weight),
-              "latency": None if latency is None else (_sha1_json({k: table.data.get(k) for k in _TABLE_ID}) if table is not None
-                                                        else "model"),
-              "layers": [i.name for i in infos],
-              "sens_sha1": _sha1_json([[l.get("name"), l.get("weight", {}).get("trace"),
-                                        l.get("activation", {}).get("trace")] for l in sens_d["layers"]])}
-    start, best, totals, prev_elapsed = 0, None, {p: 0.0 for p in PHASES}, 0.0
-    if resume and ckpt_p.is_file():
+    # ---- resume from the checkpoint
+    def _resume(self) -> None:
+        self.start, self.best, self.totals, self.prev_elapsed = 0, None, {p: 0.0 for p in PHASES}, 0.0
+        ckpt_p, config = self.ckpt_p, self.config
+        if not (self.cfg.resume and ckpt_p.is_file()):
+            return
         ck = _load_checkpoint(ckpt_p)
         old = dict(ck["config"])
         if isinstance(old.get("agent"), dict):
@@ -208,90 +297,100 @@ def search(model: str, data: str | None = None, sens=None, budget="size:0.125", 
                 there, here = there.get(k), here[k]
             raise SearchError(f"checkpoint {ckpt_p} belongs to another search ({k}: {there!r} there, {here!r} "
                               f"here); delete it or run without --resume")
-        agent.load_state_dict(ck["agent"])
-        start, best, totals, prev_elapsed = int(ck["episode"]), ck["best"], dict(ck["times"]), float(ck["elapsed"])
-    setup_seconds = time.perf_counter() - t_start
-    if log_p is not None:
-        _truncate_log(log_p, start)
+        self.agent.load_state_dict(ck["agent"])
+        self.start, self.best = int(ck["episode"]), ck["best"]
+        self.totals, self.prev_elapsed = dict(ck["times"]), float(ck["elapsed"])
 
     # ---- episodes
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def _episodes(self) -> None:
+        c, cfg = self.cfg, self.agent_cfg
+        episodes, best, totals = c.episodes, self.best, self.totals
+        bar = None
+        if c.progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=episodes, initial=min(start, episodes), desc="ddpg search", unit="ep", leave=False,
-                   dynamic_ncols=True)
-        if best is not None:
-            bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy'] * 100:.2f}%")
-    t_loop = time.perf_counter()
-    ep = start
-    try:
-        logctx = open(log_p, "a") if log_p is not None else contextlib.nullcontext()
-        with _deferred_sigint() as sigint, logctx as logf:
-            while ep < episodes:
-                rec, plan_d = _episode(ep, env, agent, evaluator, bud, cfg, lat_cost, latency_weight)
-                for p in PHASES[:-1]:
-                    totals[p] += rec["time"][p]
-                key = (rec["reward"], -rec["loss"])
-                if best is None or key > (best["reward"], -best["loss"]):
-                    best = {"episode": ep, "reward": rec["reward"], "loss": rec["loss"], "accuracy": rec["accuracy"],
-                            "cost": rec["cost"], "latency_ratio": rec.get("latency_ratio"), "plan": plan_d}
-                rec["best_reward"], rec["best_episode"] = _round(best["reward"]), best["episode"]
-                t_io = time.perf_counter()
-                if logf is not None:
-                    logf.write(json.dumps(rec) + "\n")
-                    logf.flush()
-                ep += 1
-                stop = sigint["hit"]
-                if ckpt_p is not None and (ep % checkpoint_every == 0 or ep == episodes or stop):
-                    elapsed = prev_elapsed + time.perf_counter() - t_loop
-                    _save_checkpoint(ckpt_p, config, ep, agent, best, totals, elapsed)
-                totals["io"] += time.perf_counter() - t_io
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy'] * 100:.2f}%")
-                if on_episode is not None:
-                    on_episode(rec)
-                if stop:
-                    raise KeyboardInterrupt
-    finally:
-        if bar is not None:
-            bar.close()
-    run_seconds = time.perf_counter() - t_loop
-    if best is None:  # resumed a finished checkpoint with fewer episodes: nothing ran, nothing saved
-        raise SearchError("no episode was run")
+            bar = tqdm(total=episodes, initial=min(self.start, episodes), desc="ddpg search", unit="ep", leave=False,
+                       dynamic_ncols=True)
+            if best is not None:
+                bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy'] * 100:.2f}%")
+        t_loop = time.perf_counter()
+        ep = self.start
+        try:
+            logctx = open(self.log_p, "a") if self.log_p is not None else contextlib.nullcontext()
+            with _deferred_sigint() as sigint, logctx as logf:
+                while ep < episodes:
+                    rec, plan_d = _episode(ep, self.env, self.agent, self.evaluator, self.bud, cfg, self.lat_cost,
+                                           c.latency_weight)
+                    for p in PHASES[:-1]:
+                        totals[p] += rec["time"][p]
+                    key = (rec["reward"], -rec["loss"])
+                    if best is None or key > (best["reward"], -best["loss"]):
+                        best = {"episode": ep, "reward": rec["reward"], "loss": rec["loss"],
+                                "accuracy": rec["accuracy"], "cost": rec["cost"],
+                                "latency_ratio": rec.get("latency_ratio"), "plan": plan_d}
+                    self.best = best
+                    rec["best_reward"], rec["best_episode"] = _round(best["reward"]), best["episode"]
+                    t_io = time.perf_counter()
+                    if logf is not None:
+                        logf.write(json.dumps(rec) + "\n")
+                        logf.flush()
+                    ep += 1
+                    self.ep = ep
+                    stop = sigint["hit"]
+                    if self.ckpt_p is not None and (ep % c.checkpoint_every == 0 or ep == episodes or stop):
+                        elapsed = self.prev_elapsed + time.perf_counter() - t_loop
+                        _save_checkpoint(self.ckpt_p, self.config, ep, self.agent, best, totals, elapsed)
+                    totals["io"] += time.perf_counter() - t_io
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy'] * 100:.2f}%")
+                    if c.on_episode is not None:
+                        c.on_episode(rec)
+                    if stop:
+                        raise KeyboardInterrupt
+        finally:
+            if bar is not None:
+                bar.close()
+        self.ep = ep
+        self.run_seconds = time.perf_counter() - t_loop
 
     # ---- the best plan
-    plan = plan_from_dict(best["plan"], "search")
-    plan.model, plan.method, plan.budget = model, "ddpg", str(bud)
-    plan.model_sha256 = model_identity(loaded)[1]
-    metrics = plan_metrics(plan, infos)
-    metrics[cost.metric] = cost.exact(plan)
-    if not bud.satisfied(metrics):  # cannot happen: every plan is enforced exactly
-        raise SearchError(f"internal error: the best plan does not meet {bud} ({metrics[cost.metric]})")
-    metrics["meets_budget"] = True
-    plan.metrics = metrics
-    n_done = max(ep, 1)
-    plan.meta = {"search": {
-        "algorithm": "ddpg", "episodes": ep, "seed": int(seed), "budget": str(bud), "w_bits": list(w_set),
-        "a_bits": list(a_set), "reward": reward, "val_samples": len(val), "finetune_steps": int(finetune_steps),
-        "enforce": enforce, "action_margin": float(action_margin), "latency_weight": float(latency_weight),
-        "best_episode": best["episode"], "best_reward": best["reward"], "val_accuracy": best["accuracy"],
-        "val_loss": best["loss"], "fp32_val_accuracy": evaluator.fp32_accuracy, "fp32_val_loss": evaluator.fp32_loss,
-        "seconds": prev_elapsed + run_seconds, "setup_seconds": setup_seconds,
-        "seconds_per_episode": {p: totals[p] / n_done for p in PHASES}, "agent": cfg.to_dict(),
-        "log": str(log_p) if log_p else None, "checkpoint": str(ckpt_p) if ckpt_p else None}}
-    if start > 0:
-        plan.meta["search"]["resumed_at"] = start
-    if lat_cost is not None:
-        lat = {"predicted_ratio": lat_cost.exact(plan)}
-        if table is not None:
-            lat.update(predicted_s=table.predict(plan), table_fp32_s=table.fp32_seconds,
-                       target=table.data["target"]["name"], batch=table.data["batch"], where=table.data["where"])
-        plan.meta["latency"] = lat
-    if out_p is not None:
-        plan.save(out_p)
-    return plan
+    def _best_plan(self):
+        c, best, ep, bud, cost, table = self.cfg, self.best, self.ep, self.bud, self.cost, self.table
+        if best is None:  # resumed a finished checkpoint with fewer episodes: nothing ran, nothing saved
+            raise SearchError("no episode was run")
+        plan = plan_from_dict(best["plan"], "search")
+        plan.model, plan.method, plan.budget = c.model, "ddpg", str(bud)
+        plan.model_sha256 = model_identity(self.loaded)[1]
+        metrics = plan_metrics(plan, self.infos)
+        metrics[cost.metric] = cost.exact(plan)
+        if not bud.satisfied(metrics):  # cannot happen: every plan is enforced exactly
+            raise SearchError(f"internal error: the best plan does not meet {bud} ({metrics[cost.metric]})")
+        metrics["meets_budget"] = True
+        plan.metrics = metrics
+        n_done = max(ep, 1)
+        plan.meta = {"search": {
+            "algorithm": "ddpg", "episodes": ep, "seed": int(c.seed), "budget": str(bud), "w_bits": list(self.w_set),
+            "a_bits": list(self.a_set), "reward": c.reward, "val_samples": len(self.val),
+            "finetune_steps": int(c.finetune_steps), "enforce": c.enforce, "action_margin": float(c.action_margin),
+            "latency_weight": float(c.latency_weight), "best_episode": best["episode"],
+            "best_reward": best["reward"], "val_accuracy": best["accuracy"], "val_loss": best["loss"],
+            "fp32_val_accuracy": self.evaluator.fp32_accuracy, "fp32_val_loss": self.evaluator.fp32_loss,
+            "seconds": self.prev_elapsed + self.run_seconds, "setup_seconds": self.setup_seconds,
+            "seconds_per_episode": {p: self.totals[p] / n_done for p in PHASES}, "agent": self.agent_cfg.to_dict(),
+            "log": str(self.log_p) if self.log_p else None,
+            "checkpoint": str(self.ckpt_p) if self.ckpt_p else None}}
+        if self.start > 0:
+            plan.meta["search"]["resumed_at"] = self.start
+        if self.lat_cost is not None:
+            lat = {"predicted_ratio": self.lat_cost.exact(plan)}
+            if table is not None:
+                lat.update(predicted_s=table.predict(plan), table_fp32_s=table.fp32_seconds,
+                           target=table.data["target"]["name"], batch=table.data["batch"], where=table.data["where"])
+            plan.meta["latency"] = lat
+        if self.out_p is not None:
+            plan.save(self.out_p)
+        return plan
 
 
 @contextlib.contextmanager
