@@ -15,13 +15,16 @@ def _file(spec) -> str | None:
 
 def evaluate(model: str, data: str | None = None, split: str = "test", data_dir: str | None = None,
              batch_size: int = 500, limit: int | None = None, plan=None, calib_batches: int = 4,
-             act_scale: str = "pow2", finetune_epochs: int = 0) -> dict:
+             act_scale: str = "pow2", finetune_epochs: int = 0, rounding: str | None = None,
+             rounding_iters: int | None = None, rounding_seed: int = 0, progress: bool = False, log=None) -> dict:
     """Accuracy of a model spec (zoo:NAME, .pt2, .onnx) on a dataset split, optionally under a plan.
 
-    ``data``: a dataset spec; None takes a zoo model's own dataset (:func:`cwhawq.checks.require_data`)."""
+    ``data``: a dataset spec; None takes a zoo model's own dataset (:func:`cwhawq.checks.require_data`).
+    ``rounding``: how a plan's weights are rounded (:func:`simulate_plan`)."""
     from .checks import check_labels, model_classes, require_data
     from .evaluate import accuracy, check_input_shape, onnx_predict
 
+    rcfg = rounding_config(rounding, rounding_iters, rounding_seed, finetune_epochs)
     if str(model).endswith(".onnx"):
         if plan is not None:
             raise ModelError("--plan applies to PyTorch models; an exported .onnx already holds its plan")
@@ -46,9 +49,11 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
     if plan is None:
         rep["accuracy"] = accuracy(loaded.module, ds, batch_size)
         return rep
-    qm, p, sim = simulate_plan(loaded, plan, data, data_dir, calib_batches, act_scale, finetune_epochs)
+    qm, p, sim = simulate_plan(loaded, plan, data, data_dir, calib_batches, act_scale, finetune_epochs,
+                               rounding=rcfg, progress=progress, log=log)
     if finetune_epochs:
         rep["finetune_epochs"] = finetune_epochs
+    rep["rounding"] = rounding_summary(sim)
     rep["accuracy"] = accuracy(sim.module, ds, batch_size)
     rep["plan"] = str(plan) if not hasattr(plan, "layers") else "<plan>"
     rep.update({k: v for k, v in p.compute_metrics(qm.layer_infos).items() if k in ("avg_w_bits", "avg_a_bits", "size_ratio")})
@@ -63,11 +68,47 @@ def calibration_set(data="fashion-mnist", data_dir: str | None = None, calib_bat
     return D.load(data, "train", data_dir).subset(calib_batches * 128, seed=1)
 
 
+def rounding_config(rounding: str | None = None, iters: int | None = None, seed: int = 0,
+                    finetune_epochs: int = 0):
+    """The weight rounding of a simulated plan: a :class:`cwhawq.rounding.RoundingConfig` (learned) or
+    None (nearest). ``rounding`` None: learned, except with a fine-tune (QAT trains for nearest
+    rounding, so its codes are the nearest ones of the fine-tuned weights); ``iters`` None: the
+    default number of steps per block."""
+    from .rounding import RoundingConfig, RoundingError, check_rounding
+
+    if rounding is None:
+        rounding = "nearest" if finetune_epochs else "learned"
+    if isinstance(rounding, RoundingConfig):
+        cfg = rounding
+    else:
+        if check_rounding(rounding) == "nearest":
+            return None
+        cfg = RoundingConfig(seed=int(seed))
+        if iters is not None:
+            cfg.iters = int(iters)
+    if finetune_epochs:
+        raise RoundingError("learned rounding and a fine-tune do not combine: the fine-tune's codes are the "
+                            "nearest ones of its weights (use --rounding nearest, or no fine-tune)")
+    return cfg.check()
+
+
+def rounding_summary(sim) -> dict:
+    """What a report says about the weight rounding of a simulated plan."""
+    r = getattr(sim, "rounding", None)
+    if not r:
+        return {"method": "nearest"}
+    return {"method": "learned", "seconds": r["seconds"], "iters": r["iters"], "seed": r["seed"], "mode": r["mode"],
+            "inputs": r["inputs"], "samples": r["samples"], "cached": r.get("cached", False)}
+
+
 def simulate_plan(loaded, plan, data=None, data_dir: str | None = None, calib_batches: int = 4,
-                  act_scale: str = "pow2", finetune_epochs: int = 0):
+                  act_scale: str = "pow2", finetune_epochs: int = 0, rounding=None, progress: bool = False,
+                  log=None):
     """(QModel, Plan, QuantizedModel): ``plan`` (path or Plan) checked against a LoadedModel (the model it
     was made for, its layers) and simulated with the shared calibration (:func:`calibration_set`; ``data``
-    None: a zoo model's own dataset), optionally fine-tuned (QAT)."""
+    None: a zoo model's own dataset), optionally fine-tuned (QAT). ``rounding``: a
+    :class:`cwhawq.rounding.RoundingConfig` (learned rounding on the same calibration samples), None
+    (nearest), or a string for :func:`rounding_config`."""
     from .checks import check_labels, check_plan_model, model_classes, require_data
     from .graph import qmodel_from_loaded
     from .plan import load_plan
@@ -83,9 +124,18 @@ def simulate_plan(loaded, plan, data=None, data_dir: str | None = None, calib_ba
     train = D.load(data, "train", data_dir) if finetune_epochs else None
     if train is not None:
         check_labels(train, model_classes(loaded))
-    sim = quantize_model(qm, p, calibration_set(data, data_dir, calib_batches), act_scale=act_scale)
+    if isinstance(rounding, str):
+        rounding = rounding_config(rounding, finetune_epochs=finetune_epochs)
+    elif rounding is not None and finetune_epochs:
+        rounding_config(rounding, finetune_epochs=finetune_epochs)   # refuses the combination
+    calib = calibration_set(data, data_dir, calib_batches)
+    sim = quantize_model(qm, p, calib, act_scale=act_scale)
     if train is not None:
         finetune(sim, train, epochs=finetune_epochs)
+    if rounding is not None:
+        from .rounding import learn_rounding
+
+        learn_rounding(sim, calib, rounding, progress=progress, log=log)
     return qm, p, sim
 
 
@@ -232,7 +282,8 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
            calib_batches: int = 4, act_scale: str = "pow2", progress: bool = False, target: str | None = None,
            rpc: str | None = None, key: str | None = None, latency_table=None, latency_batch: int = 1,
            latency_grid: int = 2, latency_weight: float | None = None, measure: bool = True, cache_dir: str | None = None,
-           timeout: float = 60.0, echo=None, **options) -> "Plan":
+           timeout: float = 60.0, echo=None, rounding: str | None = None, rounding_iters: int | None = None,
+           rounding_seed: int = 0, **options) -> "Plan":
     """DDPG search (``cwhawq search``): the best plan found under ``budget``, written to ``out``.
 
     Latency (docs/search.md, "Latency-aware search"): with ``target`` (and ``rpc``/``key`` for a board
@@ -244,6 +295,10 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
     ``measure``, the final plan and the fp32 model are then compiled and measured for real, and both
     the predicted and the measured latency go into ``plan.meta["latency"]`` and, as a last
     ``{"final": true, ...}`` line, into the JSONL log.
+
+    ``rounding`` (``learned``, the default, or ``nearest``), ``rounding_iters``, ``rounding_seed``: the
+    final plan's weight rounding, measured on the validation subset after the search
+    (``plan.meta["search"]["rounding"]``); every episode's reward uses nearest rounding.
 
     ``options``: ``enforce``, ``action_margin``, agent hyperparameters (warmup, hidden, lr_actor, lr_critic,
     tau, discount, batch_size, buffer_size, sigma, sigma_decay, sigma_min, init_action, baseline_alpha,
@@ -270,6 +325,7 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
                    ("--sens", sens if isinstance(sens, (str, Path)) else None),
                    ("--latency-table", latency_table if isinstance(latency_table, (str, Path)) else None)])
     remote = parse_rpc(rpc, key)
+    rcfg = rounding_config(rounding, rounding_iters, rounding_seed)
     bud = parse_budget(budget)
     data = require_data(model, data, "search on")
     if sens is None:
@@ -305,14 +361,16 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
                    bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
                    checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
                    finetune_steps=finetune_steps, calib_batches=calib_batches, act_scale=act_scale,
-                   progress=progress, latency_weight=latency_weight, **options)
+                   progress=progress, latency_weight=latency_weight, rounding=rcfg,
+                   log_line=echo, **options)
     if table is None or target is None or not measure:
         return plan
     echo("compiling and measuring the final plan and the fp32 model")
     name = Path(out).stem if out else "search"
     res = measure_plans(model, [(plan, name)], target, batch=int(table.data["batch"]), remote=remote, table=table,
                         data=data, data_dir=data_dir, calib_batches=calib_batches, timeout=timeout,
-                        artifacts_dir=Path(out).parent if out else None, log=echo)
+                        artifacts_dir=Path(out).parent if out else None, log=echo,
+                        rounding=rcfg if rcfg is not None else "nearest")
     r = res["plans"][0]
     plan.meta["latency"].update(
         measured_s=r["measured_s"], measured_fp32_s=res["fp32_s"], measured_ratio=r["measured_ratio"],

@@ -94,7 +94,8 @@ def search(model: str, data: str | None = None, sens=None, budget="size:0.125", 
            data_dir: str | None = None, log: str | None = None, checkpoint: str | None = None,
            checkpoint_every: int = 5, val_samples: int = 1000, reward: str = "acc", finetune_steps: int = 0,
            calib_batches: int = 4, act_scale: str = "pow2", enforce: str = "omega", action_margin: float = 0.0,
-           latency=None, latency_weight: float = 0.0, progress: bool = False, on_episode=None, **agent_options):
+           latency=None, latency_weight: float = 0.0, progress: bool = False, on_episode=None, rounding=None,
+           log_line=None, **agent_options):
     """DDPG search of a channel-wise mixed-precision plan for ``model`` under ``budget``.
 
     Returns the best plan found (a :class:`cwhawq.plan.Plan`, method ``ddpg``, meeting the budget),
@@ -105,6 +106,10 @@ def search(model: str, data: str | None = None, sens=None, budget="size:0.125", 
     ``latency:`` budgets, and by ``latency_weight`` > 0, which adds ``latency_weight * (1 - T/T_fp32)``
     (the predicted latency ratio) to the accuracy reward (see :mod:`cwhawq.search.reward`). ``enforce`` (``omega`` or ``layers``) and
     ``action_margin``: see :mod:`cwhawq.search.env`. ``on_episode(record)`` is called after every episode.
+    Every episode's reward is measured with nearest rounding (fast); ``rounding`` (a
+    :class:`cwhawq.rounding.RoundingConfig`, or None) then learns the weight rounding of the best plan
+    on the calibration samples and measures it on the same validation subset
+    (``plan.meta["search"]["rounding"]``; ``log_line`` gets its progress lines).
     """
     from .. import data as D
     from ..api import calibration_set, parse_bits
@@ -283,6 +288,11 @@ def search(model: str, data: str | None = None, sens=None, budget="size:0.125", 
         "log": str(log_p) if log_p else None, "checkpoint": str(ckpt_p) if ckpt_p else None}}
     if start > 0:
         plan.meta["search"]["resumed_at"] = start
+    if rounding is not None:
+        plan.meta["search"]["rounding"] = _final_rounding(plan, qm, quantizer, evaluator, calib, rounding, progress,
+                                                          log_line)
+    else:
+        plan.meta["search"]["rounding"] = {"method": "nearest"}
     if lat_cost is not None:
         lat = {"predicted_ratio": lat_cost.exact(plan)}
         if table is not None:
@@ -292,6 +302,21 @@ def search(model: str, data: str | None = None, sens=None, budget="size:0.125", 
     if out_p is not None:
         plan.save(out_p)
     return plan
+
+
+def _final_rounding(plan, qm, quantizer, evaluator, calib, cfg, progress, log_line) -> dict:
+    """Learned rounding of the final plan and its accuracy on the search's validation subset."""
+    from ..rounding import learn_rounding
+
+    sim = quantizer.apply(plan)
+    try:
+        rep = learn_rounding(sim, calib, cfg, progress=progress, log=log_line)
+        acc, loss = evaluator._measure()
+    finally:
+        qm.reset()
+    return {"method": "learned", "val_accuracy": acc, "val_loss": loss, "seconds": rep["seconds"],
+            "iters": rep["iters"], "seed": rep["seed"], "mode": rep["mode"], "inputs": rep["inputs"],
+            "samples": rep["samples"]}
 
 
 @contextlib.contextmanager
