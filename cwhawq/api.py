@@ -389,13 +389,14 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
 
 def bench(artifact: str, device: str | None = None, rpc: str | None = None, key: str | None = None,
           warmup: int = 10, repeat: int = 100, number: int = 0, batch: int = 1, timeout: float = 60.0,
-          log=None) -> dict:
+          threads: int | None = None, log=None) -> dict:
     """Time a compiled artifact (an .onnx file: onnxruntime) here or on a board behind an RPC tracker
-    (``rpc="HOST:PORT"``, ``key``): median, p90, min, stddev (seconds) and the input shapes."""
+    (``rpc="HOST:PORT"``, ``key``): median, p90, min, stddev (seconds) and the input shapes.
+    ``threads``: runtime threads for a local measurement (default: the physical cores)."""
     from .bench import bench as _bench, parse_rpc
 
     return _bench(artifact, device, parse_rpc(rpc, key), warmup=warmup, repeat=repeat, number=number, batch=batch,
-                  timeout=timeout, log=log)
+                  timeout=timeout, threads=threads, log=log)
 
 
 def latency_table(model: str, target: str = "llvm", out: str | None = None, rpc: str | None = None,

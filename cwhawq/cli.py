@@ -521,15 +521,19 @@ def _with(options):
               help="Calls averaged per measurement (0: enough for 1 ms).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1),
               help="Batch size for a symbolic batch dimension.")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="Threads of the runtime measured here (default: $TVM_NUM_THREADS, else the physical "
+                   "cores; onnxruntime: its default).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handled
-def bench_cmd(artifact, device, rpc, key, timeout, warmup, repeat, number, batch, as_json):
+def bench_cmd(artifact, device, rpc, key, timeout, warmup, repeat, number, batch, threads, as_json):
     """Time ARTIFACT (compiled .so/.tar + manifest; an .onnx runs in onnxruntime) here or on a board."""
     from . import api
     from .bench import bench_text
 
     rep = api.bench(artifact, device=device, rpc=rpc, key=key, warmup=warmup, repeat=repeat, number=number,
-                    batch=batch, timeout=timeout, log=lambda m: click.echo(m, err=True) if not as_json else None)
+                    batch=batch, timeout=timeout, threads=threads,
+                    log=lambda m: click.echo(m, err=True) if not as_json else None)
     emit(rep, as_json, bench_text(rep))
 
 
