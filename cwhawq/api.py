@@ -83,9 +83,9 @@ def rounding_config(rounding: str | None = None, iters: int | None = None, seed:
     else:
         if check_rounding(rounding) == "nearest":
             return None
-        cfg = RoundingConfig(seed=int(seed))
-        if iters is not None:
-            cfg.iters = int(iters)
+        from . import rounding as R
+
+        cfg = RoundingConfig(seed=int(seed), iters=int(iters) if iters is not None else R.DEFAULT_ITERS)
     if finetune_epochs:
         raise RoundingError("learned rounding and a fine-tune do not combine: the fine-tune's codes are the "
                             "nearest ones of its weights (use --rounding nearest, or no fine-tune)")

@@ -97,14 +97,14 @@ def _rounding_help(what: str) -> str:
 
 
 def _rounding_options(what: str):
-    from .rounding import RoundingConfig
+    from .rounding import DEFAULT_ITERS
 
     def deco(fn):
         fn = click.option("--rounding-seed", default=0, show_default=True, type=int,
                           help="Seed of the learned rounding (batch order).")(fn)
         fn = click.option("--rounding-iters", default=None, type=click.IntRange(0),
                           help=f"Optimisation steps per block of the learned rounding (default "
-                               f"{RoundingConfig.iters}).")(fn)
+                               f"{DEFAULT_ITERS}).")(fn)
         fn = click.option("--rounding", default=None, type=click.Choice(["learned", "nearest"]),
                           help=_rounding_help(what))(fn)
         return fn

@@ -56,6 +56,8 @@ ROUNDINGS = ("learned", "nearest")
 MODES = ("block", "layer")
 INPUTS = ("quant", "float", "qdrop")
 ZETA, GAMMA = 1.1, -0.1
+#: optimisation steps per unit when none are asked for (eval --plan, export, search, demo)
+DEFAULT_ITERS = 500
 
 
 class RoundingError(CwhawqError):
@@ -64,7 +66,7 @@ class RoundingError(CwhawqError):
 
 @dataclass
 class RoundingConfig:
-    iters: int = 500            # optimisation steps per unit (block or layer)
+    iters: int = DEFAULT_ITERS  # optimisation steps per unit (block or layer)
     batch_size: int = 64
     lr: float = 3e-2            # Adam on the rounding variables
     reg: float = 0.01           # weight of the rounding regulariser
