@@ -57,7 +57,7 @@ MODES = ("block", "layer")
 INPUTS = ("quant", "float", "qdrop")
 ZETA, GAMMA = 1.1, -0.1
 #: optimisation steps per unit when none are asked for (eval --plan, export, search, demo)
-DEFAULT_ITERS = 500
+DEFAULT_ITERS = 200
 
 
 class RoundingError(CwhawqError):
@@ -549,7 +549,7 @@ def learn_rounding(sim, calib, cfg: RoundingConfig | None = None, progress: bool
                             "loss_learned": loss_learned, "changed_codes": flips / max(1, total),
                             "seconds": round(time.perf_counter() - t_u, 3)})
             if log and bar is None:
-                log(f"learned rounding {k_train}/{n_train} {unit.name}: output error {loss_near:.4g} (nearest) -> "
+                log(f"learned rounding {k_train}/{n_train} {unit.name}: output MSE {loss_near:.4g} (nearest) -> "
                     f"{loss_learned:.4g}, {flips / max(1, total) * 100:.1f}% of codes changed, "
                     f"{time.perf_counter() - t_u:.1f} s")
     except BaseException:
