@@ -163,12 +163,9 @@ def run_eval(args, work: Path) -> None:
     from cwhawq.rounding import RoundingConfig, learn_rounding
 
     res = work / "eval.jsonl"
-    done = set()
-    if res.exists():
-        for line in res.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add(r["key"])
+
+    def done_keys() -> set:   # read again before every plan: several eval processes can share a work dir
+        return {json.loads(line)["key"] for line in res.read_text().splitlines() if line.strip()} if res.exists() else set()
     cfg = RoundingConfig()
     for k, v in json.loads(args.config or "{}").items():
         setattr(cfg, k, tuple(v) if k == "beta" else v)
@@ -185,12 +182,15 @@ def run_eval(args, work: Path) -> None:
         test = D.load("fashion-mnist", "test").subset(args.limit)
         qz = Quantizer(qm, calib)
         fp32 = None
-        for setting, method, seed, plan in plans_for(model, work, infos, sens, args.budgets.split(","),
-                                                    args.bops and model == "resnet20"):
+        todo = plans_for(model, work, infos, sens, args.budgets.split(","), args.bops and model == "resnet20")
+        # the plans the 'done when' targets name first, so that a run cut short has them
+        prio = {"ddpg": 0, "hawq-v3": 1, "cw-greedy": 2, "random": 3, "enforce-only": 4}
+        todo.sort(key=lambda t: (prio.get(t[1], 5), t[2] or 0))
+        for setting, method, seed, plan in todo:
             if args.only and not any(o in f"{setting} {method}" for o in args.only.split(",")):
                 continue
             key = json.dumps([model, setting, method, seed, cfg.to_dict(), args.limit, torch.get_num_threads()])
-            if key in done:
+            if key in done_keys():
                 continue
             if fp32 is None:
                 qm.reset()
@@ -198,7 +198,7 @@ def run_eval(args, work: Path) -> None:
             sim = qz.apply(plan)
             acc_n = accuracy(sim.module, test)
             om_n = weight_omega(sim, sens)
-            rep = learn_rounding(sim, calib, cfg)
+            rep = learn_rounding(sim, calib, cfg, log=lambda m: print("  " + m, flush=True))
             acc_l = accuracy(sim.module, test)
             om_l = weight_omega(sim, sens)
             m = plan.compute_metrics(infos)
@@ -209,8 +209,21 @@ def run_eval(args, work: Path) -> None:
                    "avg_w_bits": m["avg_w_bits"], "avg_a_bits": m["avg_a_bits"], "test_samples": len(test),
                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                    "units": [{k: u[k] for k in ("unit", "loss_nearest", "loss_learned", "seconds")} for u in rep["units"]]}
+            if args.ort and method == "ddpg" and seed == 0 and model == "resnet20":
+                # the export reuses this process's reconstruction (same plan, samples, options, threads)
+                from cwhawq.export import export_onnx
+
+                onnx_out = work / f"ddpg_{setting.replace(':', '')}_s0.q.onnx"
+                t0 = time.time()
+                erep = export_onnx(loaded, plan, str(onnx_out), rounding=cfg, eval_split="test")
+                a = erep["accuracy"]
+                orow = {"budget": setting, "plan": plan_path(work, model, "ddpg", setting, 0).name,
+                        "simulation": a["simulated"], "onnxruntime": a["onnxruntime"],
+                        "argmax_agreement": a["argmax_agreement"], "rounding": erep["rounding"],
+                        "eval_learned": acc_l, "seconds": round(time.time() - t0, 1)}
+                _append(work / "ort.jsonl", orow)
+                print("  export: " + json.dumps(orow), flush=True)
             _append(res, row)
-            done.add(key)
             print(f"{model} {setting} {method}{'' if seed is None else f' s{seed}'}: nearest {acc_n * 100:.2f} "
                   f"learned {acc_l * 100:.2f} ({rep['seconds']:.0f} s, Omega_w {om_n:.4g} -> {om_l:.4g})", flush=True)
             qm.reset()
@@ -227,7 +240,7 @@ def run_ort(args, work: Path) -> None:
         t0 = time.time()
         rep = export_onnx(MODELS["resnet20"], str(p), str(out), eval_split="test")
         a = rep["accuracy"]
-        row = {"budget": budget, "plan": p.name, "simulation": a["simulation"], "onnxruntime": a["onnxruntime"],
+        row = {"budget": budget, "plan": p.name, "simulation": a["simulated"], "onnxruntime": a["onnxruntime"],
                "argmax_agreement": a["argmax_agreement"], "rounding": rep["rounding"],
                "seconds": round(time.time() - t0, 1)}
         _append(work / "ort.jsonl", row)
@@ -368,7 +381,9 @@ def main():
     ap.add_argument("--config", default=None, help="eval: JSON of RoundingConfig fields")
     ap.add_argument("--only", default=None, help="eval: comma list of substrings of 'SETTING METHOD'")
     ap.add_argument("--limit", type=int, default=None, help="eval: test images (default: all)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ort", action="store_true", help="eval: also export the seed-0 DDPG plans and compare "
+                    "onnxruntime's test accuracy with the simulation's")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     args = ap.parse_args()
     if args.budgets is None:

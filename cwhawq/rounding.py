@@ -57,7 +57,7 @@ MODES = ("block", "layer")
 INPUTS = ("quant", "float", "qdrop")
 ZETA, GAMMA = 1.1, -0.1
 #: optimisation steps per unit when none are asked for (eval --plan, export, search, demo)
-DEFAULT_ITERS = 200
+DEFAULT_ITERS = 100
 
 
 class RoundingError(CwhawqError):
