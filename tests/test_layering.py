@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
      "cwhawq.zoo"),                                                        # 0 foundations, kernels, zoo nets
     ("cwhawq.data", "cwhawq.models", "cwhawq.plan"),                      # 1 data, model specs, the plan
     ("cwhawq.graph", "cwhawq.evaluate", "cwhawq.onnx_plan"),              # 2 layers of a model; accuracy
-    ("cwhawq.hessian", "cwhawq.quantize"),                                # 3 sensitivity; simulation
+    ("cwhawq.hessian", "cwhawq.quantize", "cwhawq.rounding"),             # 3 sensitivity; simulation; learned rounding
     ("cwhawq.checks", "cwhawq.baselines"),                                # 4 input checks; baseline planners
     ("cwhawq.simulate",),                                                 # 5 calibration + simulate a plan
     ("cwhawq.search", "cwhawq.export", "cwhawq.backends"),                # 6 search; ONNX export; TVM
