@@ -97,15 +97,23 @@ def _rounding_help(what: str) -> str:
             f"nearest.")
 
 
-def _rounding_options(what: str):
-    from .rounding import DEFAULT_ITERS
+class _RoundingItersOption(click.Option):
+    """--rounding-iters, whose help names the default steps when the help is shown (cwhawq.rounding
+    loads torch, which importing the CLI does not)."""
 
+    def get_help_record(self, ctx):
+        from .rounding import DEFAULT_ITERS
+
+        self.help = f"Optimisation steps per block of the learned rounding (default {DEFAULT_ITERS})."
+        return super().get_help_record(ctx)
+
+
+def _rounding_options(what: str):
     def deco(fn):
         fn = click.option("--rounding-seed", default=0, show_default=True, type=int,
                           help="Seed of the learned rounding (batch order).")(fn)
-        fn = click.option("--rounding-iters", default=None, type=click.IntRange(0),
-                          help=f"Optimisation steps per block of the learned rounding (default "
-                               f"{DEFAULT_ITERS}).")(fn)
+        fn = click.option("--rounding-iters", cls=_RoundingItersOption, default=None, type=click.IntRange(0),
+                          help="Optimisation steps per block of the learned rounding.")(fn)
         fn = click.option("--rounding", default=None, type=click.Choice(["learned", "nearest"]),
                           help=_rounding_help(what))(fn)
         return fn

@@ -171,3 +171,14 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
     got = [t for t, _ in imports_of("cwhawq.search.x", src, modules)]
     assert got == ["cwhawq.search.data", "cwhawq.search.api", "cwhawq.plan"]
     assert layer_of("cwhawq.api") > layer_of("cwhawq.search.x") > layer_of("cwhawq.plan")
+
+
+def test_the_cli_imports_without_torch():
+    """``cwhawq --help``, ``bench`` and ``run`` need neither torch nor TVM: importing the CLI loads neither
+    (stages that need them import them inside the command)."""
+    import subprocess
+    import sys
+
+    code = "import sys, cwhawq.cli; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
