@@ -8,11 +8,12 @@ from . import data as D
 from .errors import ModelError, PlanError
 
 
-_SIMULATE = ("calibration_set", "simulate_plan", "parse_bits")
+_SIMULATE = ("calibration_set", "simulate_plan", "parse_bits", "rounding_config", "rounding_summary")
 
 
 def __getattr__(name):
-    """``api.calibration_set``, ``api.simulate_plan``, ``api.parse_bits``: re-exported from
+    """``api.calibration_set``, ``api.simulate_plan``, ``api.parse_bits``, ``api.rounding_config``,
+    ``api.rounding_summary``: re-exported from
     :mod:`cwhawq.simulate`, imported on first use (it loads torch; ``cwhawq bench``/``run`` do not need it)."""
     if name in _SIMULATE:
         from . import simulate
@@ -29,13 +30,17 @@ def _file(spec) -> str | None:
 
 def evaluate(model: str, data: str | None = None, split: str = "test", data_dir: str | None = None,
              batch_size: int = 500, limit: int | None = None, plan=None, calib_batches: int = 4,
-             act_scale: str = "pow2", finetune_epochs: int = 0) -> dict:
+             act_scale: str = "pow2", finetune_epochs: int = 0, rounding: str | None = None,
+             rounding_iters: int | None = None, rounding_seed: int = 0, progress: bool = False, log=None) -> dict:
     """Accuracy of a model spec (zoo:NAME, .pt2, .onnx) on a dataset split, optionally under a plan.
 
-    ``data``: a dataset spec; None takes a zoo model's own dataset (:func:`cwhawq.checks.require_data`)."""
+    ``data``: a dataset spec; None takes a zoo model's own dataset (:func:`cwhawq.checks.require_data`).
+    ``rounding``: how a plan's weights are rounded (:func:`simulate_plan`)."""
     from .checks import check_labels, model_classes, require_data
     from .evaluate import accuracy, check_input_shape, onnx_predict
+    from .simulate import rounding_config, rounding_summary, simulate_plan
 
+    rcfg = rounding_config(rounding, rounding_iters, rounding_seed, finetune_epochs)
     if str(model).endswith(".onnx"):
         if plan is not None:
             raise ModelError("--plan applies to PyTorch models; an exported .onnx already holds its plan")
@@ -60,11 +65,11 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
     if plan is None:
         rep["accuracy"] = accuracy(loaded.module, ds, batch_size)
         return rep
-    from .simulate import simulate_plan
-
-    qm, p, sim = simulate_plan(loaded, plan, data, data_dir, calib_batches, act_scale, finetune_epochs)
+    qm, p, sim = simulate_plan(loaded, plan, data, data_dir, calib_batches, act_scale, finetune_epochs,
+                               rounding=rcfg, progress=progress, log=log)
     if finetune_epochs:
         rep["finetune_epochs"] = finetune_epochs
+    rep["rounding"] = rounding_summary(sim)
     rep["accuracy"] = accuracy(sim.module, ds, batch_size)
     rep["plan"] = str(plan) if not hasattr(plan, "layers") else "<plan>"
     rep.update({k: v for k, v in p.compute_metrics(qm.layer_infos).items() if k in ("avg_w_bits", "avg_a_bits", "size_ratio")})
@@ -188,7 +193,8 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
            calib_batches: int = 4, act_scale: str = "pow2", progress: bool = False, target: str | None = None,
            rpc: str | None = None, key: str | None = None, latency_table=None, latency_batch: int = 1,
            latency_grid: int = 2, latency_weight: float | None = None, measure: bool = True, cache_dir: str | None = None,
-           timeout: float = 60.0, echo=None, **options) -> "Plan":
+           timeout: float = 60.0, echo=None, rounding: str | None = None, rounding_iters: int | None = None,
+           rounding_seed: int = 0, **options) -> "Plan":
     """DDPG search (``cwhawq search``): the best plan found under ``budget``, written to ``out``.
 
     Latency (docs/search.md, "Latency-aware search"): with ``target`` (and ``rpc``/``key`` for a board
@@ -201,6 +207,10 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
     the predicted and the measured latency go into ``plan.meta["latency"]`` and, as a last
     ``{"final": true, ...}`` line, into the JSONL log.
 
+    ``rounding`` (``learned``, the default, or ``nearest``), ``rounding_iters``, ``rounding_seed``: the
+    final plan's weight rounding, measured on the validation subset after the search
+    (``plan.meta["search"]["rounding"]``); every episode's reward uses nearest rounding.
+
     ``options``: ``enforce``, ``action_margin``, agent hyperparameters (warmup, hidden, lr_actor, lr_critic,
     tau, discount, batch_size, buffer_size, sigma, sigma_decay, sigma_min, init_action, baseline_alpha,
     updates_per_step, greedy_every), ``latency`` (a latency cost model) and ``on_episode`` (callback per
@@ -210,6 +220,7 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
     from .latency import LatencyError
     from .plan import parse_budget
     from .search import search as _search
+    from .simulate import rounding_config
 
     from .checks import check_outputs, data_file, load_sensitivity, require_data
     from .errors import CwhawqError
@@ -224,6 +235,7 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
                    ("--sens", sens if isinstance(sens, (str, Path)) else None),
                    ("--latency-table", latency_table if isinstance(latency_table, (str, Path)) else None)])
     remote = parse_rpc(rpc, key)
+    rcfg = rounding_config(rounding, rounding_iters, rounding_seed)
     bud = parse_budget(budget)
     data = require_data(model, data, "search on")
     if sens is None:
@@ -247,10 +259,10 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
                    bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,
                    checkpoint_every=checkpoint_every, val_samples=val_samples, reward=reward,
                    finetune_steps=finetune_steps, calib_batches=calib_batches, act_scale=act_scale,
-                   progress=progress, latency_weight=latency_weight, **options)
+                   progress=progress, latency_weight=latency_weight, rounding=rcfg, log_line=echo, **options)
     if table is None or target is None or not measure:
         return plan
-    _measure_final(plan, model, table, target, remote, out, data, data_dir, calib_batches, timeout, echo)
+    _measure_final(plan, model, table, target, remote, out, data, data_dir, calib_batches, timeout, echo, rcfg)
     return plan
 
 
@@ -278,9 +290,12 @@ def _search_table(model, target, want, latency_table, rpc, remote, out, latency_
     return table
 
 
-def _measure_final(plan, model, table, target, remote, out, data, data_dir, calib_batches, timeout, echo) -> None:
+def _measure_final(plan, model, table, target, remote, out, data, data_dir, calib_batches, timeout, echo,
+                   rcfg=None) -> None:
     """Compile and measure the search's final plan and the fp32 model on the target; the numbers go into
-    ``plan.meta["latency"]``, the plan file and, as a last ``{"final": true}`` line, the search log."""
+    ``plan.meta["latency"]``, the plan file and, as a last ``{"final": true}`` line, the search log.
+    ``rcfg``: the final plan's weight rounding (a RoundingConfig, or None: nearest), which the kept
+    artifact gets (the codes do not change the latency)."""
     import json
 
     from .latency import measure_plans
@@ -289,7 +304,8 @@ def _measure_final(plan, model, table, target, remote, out, data, data_dir, cali
     name = Path(out).stem if out else "search"
     res = measure_plans(model, [(plan, name)], target, batch=int(table.data["batch"]), remote=remote, table=table,
                         data=data, data_dir=data_dir, calib_batches=calib_batches, timeout=timeout,
-                        artifacts_dir=Path(out).parent if out else None, log=echo)
+                        artifacts_dir=Path(out).parent if out else None, log=echo,
+                        rounding=rcfg if rcfg is not None else "nearest")
     r = res["plans"][0]
     plan.meta["latency"].update(
         measured_s=r["measured_s"], measured_fp32_s=res["fp32_s"], measured_ratio=r["measured_ratio"],

@@ -91,6 +91,45 @@ data_dir_option = click.option("--data-dir", default=None, envvar="CWHAWQ_DATA",
                                help="Directory of the Fashion-MNIST IDX files (env CWHAWQ_DATA).")
 
 
+def _rounding_help(what: str) -> str:
+    return (f"Weight rounding {what}: learned (AdaRound-style reconstruction of every weight's rounding on "
+            f"the calibration samples, docs/rounding.md; the default, except with --finetune-epochs) or "
+            f"nearest.")
+
+
+class _RoundingItersOption(click.Option):
+    """--rounding-iters, whose help names the default steps when the help is shown (cwhawq.rounding
+    loads torch, which importing the CLI does not)."""
+
+    def get_help_record(self, ctx):
+        from .rounding import DEFAULT_ITERS
+
+        self.help = f"Optimisation steps per block of the learned rounding (default {DEFAULT_ITERS})."
+        return super().get_help_record(ctx)
+
+
+def _rounding_options(what: str):
+    def deco(fn):
+        fn = click.option("--rounding-seed", default=0, show_default=True, type=int,
+                          help="Seed of the learned rounding (batch order).")(fn)
+        fn = click.option("--rounding-iters", cls=_RoundingItersOption, default=None, type=click.IntRange(0),
+                          help="Optimisation steps per block of the learned rounding.")(fn)
+        fn = click.option("--rounding", default=None, type=click.Choice(["learned", "nearest"]),
+                          help=_rounding_help(what))(fn)
+        return fn
+    return deco
+
+
+def _rounding_text(r: dict | None) -> str:
+    if not r or r.get("method") != "learned":
+        return "nearest rounding"
+    return (f"learned rounding, {r['seconds']:.1f} s" + (", reused" if r.get("cached") else ""))
+
+
+def _log_err(m):
+    click.echo(m, err=True)
+
+
 @cli.command("eval")
 @click.argument("model")
 @data_option
@@ -105,10 +144,11 @@ data_dir_option = click.option("--data-dir", default=None, envvar="CWHAWQ_DATA",
               help="Activation scale representation (with --plan).")
 @click.option("--finetune-epochs", default=0, show_default=True, type=click.IntRange(0),
               help="Quantization-aware fine-tuning epochs (STE) with the plan fixed.")
+@_rounding_options("(with --plan)")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handled
 def eval_cmd(model, data_spec, data_dir, split, batch_size, limit, plan_path, calib_batches, act_scale,
-             finetune_epochs, as_json):
+             finetune_epochs, rounding, rounding_iters, rounding_seed, as_json):
     """Accuracy of MODEL (zoo:NAME, .pt2 or .onnx) on a split of DATA, optionally under a bit plan.
 
     A .pt2 (or an .onnx not exported from a zoo model) needs --data."""
@@ -117,11 +157,13 @@ def eval_cmd(model, data_spec, data_dir, split, batch_size, limit, plan_path, ca
     t0 = time.time()
     rep = api.evaluate(model, data_spec, split=split, data_dir=data_dir, batch_size=batch_size, limit=limit,
                        plan=plan_path, calib_batches=calib_batches, act_scale=act_scale,
-                       finetune_epochs=finetune_epochs)
+                       finetune_epochs=finetune_epochs, rounding=rounding, rounding_iters=rounding_iters,
+                       rounding_seed=rounding_seed, progress=not as_json and sys.stderr.isatty(),
+                       log=None if as_json else _log_err)
     rep["seconds"] = round(time.time() - t0, 3)
     emit(rep, as_json, f"{rep['model']} on {rep['data']}:{rep['split']} (n={rep['n']}): "
                        f"accuracy {rep['accuracy'] * 100:.2f}%"
-                       + (f" with plan {plan_path}" if plan_path else ""))
+                       + (f" with plan {plan_path} ({_rounding_text(rep.get('rounding'))})" if plan_path else ""))
 
 
 @cli.command("compile")
@@ -294,10 +336,11 @@ def plan_from_onnx_cmd(onnx_path, out, as_json):
               help="Calibration samples run through onnxruntime and compared with the simulation (0: skip).")
 @click.option("--eval", "eval_split", default=None, type=click.Choice(["train", "val", "test", "all"]),
               help="Also measure simulated and onnxruntime accuracy on this split (recorded in the file).")
+@_rounding_options("of the exported codes (as eval --plan; recorded in cwhawq.rounding)")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handled
 def export_cmd(model, plan_path, fp32, out, fmt, opset, data_spec, data_dir, calib_batches, act_scale,
-               finetune_epochs, sens, verify, eval_split, as_json):
+               finetune_epochs, sens, verify, eval_split, rounding, rounding_iters, rounding_seed, as_json):
     """Export MODEL (zoo:NAME or .pt2) under a bit plan to ONNX (QDQ, per-channel mixed precision).
 
     The plan's activation ranges are calibrated on DATA (a .pt2 needs --data); the file records which
@@ -313,7 +356,9 @@ def export_cmd(model, plan_path, fp32, out, fmt, opset, data_spec, data_dir, cal
 
     rep = export_onnx(model, plan_path, out, data=data_spec, fmt=fmt, opset=opset, data_dir=data_dir,
                       calib_batches=calib_batches, act_scale=act_scale, finetune_epochs=finetune_epochs,
-                      sens=sens, verify=verify, eval_split=eval_split)
+                      sens=sens, verify=verify, eval_split=eval_split, rounding=rounding,
+                      rounding_iters=rounding_iters, rounding_seed=rounding_seed,
+                      progress=not as_json and sys.stderr.isatty(), log=None if as_json else _log_err)
     emit(rep, as_json, summary_text(rep))
 
 
@@ -330,13 +375,19 @@ def export_cmd(model, plan_path, fp32, out, fmt, opset, data_spec, data_dir, cal
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True,
               help="Continue the search of an interrupted demo (same --out) from its checkpoint.")
+@click.option("--rounding", default="learned", show_default=True, type=click.Choice(["learned", "nearest"]),
+              help="Weight rounding of every plan (the report also gives each plan's nearest-rounding accuracy).")
+@click.option("--rounding-iters", default=None, type=click.IntRange(0),
+              help="Steps per block of the learned rounding (default: as eval --plan; 100 with --quick).")
 @handled
-def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_compile, seed, resume):
+def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_compile, seed, resume, rounding,
+             rounding_iters):
     """The whole pipeline: analyze, search, export, compile, bench, and a report in --out."""
     from .demo import DemoConfig, run_demo
 
     res = run_demo(DemoConfig(out=out_dir, model=model, data=data_spec, data_dir=data_dir, budget=budget,
-                              episodes=episodes, quick=quick, seed=seed, compile=not no_compile, resume=resume),
+                              episodes=episodes, quick=quick, seed=seed, compile=not no_compile, resume=resume,
+                              rounding=rounding, rounding_iters=rounding_iters),
                    echo=click.echo)
     click.echo(f"report written to {res['report']}")
 
@@ -399,13 +450,15 @@ def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_co
 @click.option("--no-measure", is_flag=True, help="Do not compile and measure the final plan on --target.")
 @click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds allowed for each remote measurement step.")
+@_rounding_options("of the final plan, measured on the validation subset after the search (every episode's "
+                   "reward uses nearest rounding)")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handled
 def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, resume, bits, a_bits, log, checkpoint,
                checkpoint_every, val_samples, reward, finetune_steps, enforce, action_margin, warmup, hidden,
                lr_actor, lr_critic, tau, discount, batch_size, buffer_size, sigma, sigma_decay, baseline_alpha,
                greedy_every, target, rpc, key, latency_table, latency_batch, latency_grid, cache_dir, latency_weight,
-               no_measure, timeout,
+               no_measure, timeout, rounding, rounding_iters, rounding_seed,
                as_json):
     """DDPG search of a channel-wise mixed-precision plan for MODEL under --budget (docs/search.md)."""
     from . import api
@@ -422,16 +475,22 @@ def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, re
                       warmup=warmup,
                       hidden=hidden, lr_actor=lr_actor, lr_critic=lr_critic, tau=tau, discount=discount,
                       batch_size=batch_size, buffer_size=buffer_size, sigma=sigma, sigma_decay=sigma_decay,
-                      baseline_alpha=baseline_alpha, greedy_every=greedy_every)
+                      baseline_alpha=baseline_alpha, greedy_every=greedy_every, rounding=rounding,
+                      rounding_iters=rounding_iters, rounding_seed=rounding_seed)
     s, m = plan.meta["search"], plan.metrics
     summary = {"out": out, "episodes": s["episodes"], "best_episode": s["best_episode"],
                "val_accuracy": s["val_accuracy"], "fp32_val_accuracy": s["fp32_val_accuracy"],
                "best_reward": s["best_reward"], "seconds": s["seconds"], "budget": s["budget"],
                **{k: m[k] for k in ("size_ratio", "avg_w_bits", "avg_a_bits", "bops_ratio")}}
-    text = (f"ddpg: best of {s['episodes']} episodes (episode {s['best_episode']}): val accuracy "
+    text = (f"ddpg: best of {s['episodes']} episodes (episode {s['best_episode']}): val accuracy (nearest rounding) "
             f"{s['val_accuracy'] * 100:.2f}% (fp32 {s['fp32_val_accuracy'] * 100:.2f}%), avg weight "
             f"bits {m['avg_w_bits']:.3f}, avg act bits {m['avg_a_bits']:.3f}, size ratio "
             f"{m['size_ratio']:.4f}, BOPs ratio {m['bops_ratio']:.5f} [{s['budget']}] -> {out}")
+    rr = s.get("rounding") or {}
+    summary["rounding"] = rr
+    if rr.get("method") == "learned":
+        text += (f"\nfinal plan with learned rounding: val accuracy {rr['val_accuracy'] * 100:.2f}% (nearest "
+                 f"{s['val_accuracy'] * 100:.2f}%), reconstruction {rr['seconds']:.1f} s")
     lat = plan.meta.get("latency")
     if lat:
         summary["latency"] = lat

@@ -43,6 +43,8 @@ class DemoConfig:
     test_limit: int | None = None
     compile: bool = True
     resume: bool = False
+    rounding: str = "learned"         # weight rounding of every plan: learned | nearest
+    rounding_iters: int | None = None  # None: the default (fewer steps with --quick)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Row:
     avg_a_bits: float
     bops_ratio: float
     latency_ms: float | None = None
+    nearest_accuracy: float | None = None   # the same plan with nearest rounding
+    rounding_s: float | None = None         # seconds of learned rounding
     extra: dict = field(default_factory=dict)
 
 
@@ -73,6 +77,7 @@ class Log:
 
 QUICK_EPISODES = 60
 QUICK_TEST_IMAGES = 2000
+QUICK_ROUNDING_ITERS = 100
 
 
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
@@ -84,7 +89,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from .models import load_model
     from .plan import parse_budget
     from .quantize import Quantizer
-    from .simulate import calibration_set
+    from .simulate import calibration_set, rounding_config
 
     from .checks import check_labels, check_outputs, data_file, model_classes, model_identity, require_data
     from .evaluate import check_input_shape
@@ -96,6 +101,10 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     log = Log(echo)
     test_limit = cfg.test_limit or (QUICK_TEST_IMAGES if cfg.quick else None)
     episodes = min(cfg.episodes, QUICK_EPISODES) if cfg.quick else cfg.episodes
+    riters = cfg.rounding_iters if cfg.rounding_iters is not None else (QUICK_ROUNDING_ITERS if cfg.quick else None)
+    rcfg = rounding_config(cfg.rounding, riters, cfg.seed)
+    rargs = (["--rounding", "nearest"] if rcfg is None else
+             (["--rounding-iters", riters] if riters is not None else []) + (["--rounding-seed", cfg.seed] if cfg.seed else []))
 
     log.stage(f"loading {cfg.model} and {cfg.data}")
     loaded = load_model(cfg.model)
@@ -152,22 +161,36 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                                           data_dir=cfg.data_dir, log=str(search_dir / "log.jsonl"),
                                           checkpoint=str(search_dir / "checkpoint.pt"), progress=tty,
                                           resume=cfg.resume, on_episode=on_episode,
-                                          warmup=warmup)
+                                          warmup=warmup, rounding=rcfg,
+                                          log_line=lambda m: log.stage("  " + m))
     log.cmd("plan CW-HAWQ (DDPG search)", "search", cfg.model, *dargs, "--sens", out / "sens.json",
-            "--budget", cfg.budget, "--episodes", episodes, "--warmup", warmup, "--seed", cfg.seed,
+            "--budget", cfg.budget, "--episodes", episodes, "--warmup", warmup, "--seed", cfg.seed, *rargs,
             "--out", out / "plans" / "cw-hawq.json")
 
-    log.stage("simulated accuracy of every plan")
-    qz = Quantizer(qm, calibration_set(cfg.data, cfg.data_dir))
+    from .rounding import learn_rounding
+
+    log.stage("simulated accuracy of every plan"
+              + (", nearest and learned weight rounding" if rcfg is not None else " (nearest rounding)"))
+    calib = calibration_set(cfg.data, cfg.data_dir)
+    log.calib_n = len(calib)
+    qz = Quantizer(qm, calib)
     rows = [Row("fp32", None, fp32_acc, 4 * sum(i.params for i in infos) / 1024, 32, 32, 1.0)]
     for key, plan in plans.items():
-        acc = accuracy(qz.apply(plan).module, test)
+        sim = qz.apply(plan)
+        near = accuracy(sim.module, test)
+        acc, secs = near, None
+        if rcfg is not None:
+            rep = learn_rounding(sim, calib, rcfg, progress=tty, log=None if tty else lambda m: log.stage("    " + m))
+            acc, secs = accuracy(sim.module, test), rep["seconds"]
         m = plan.compute_metrics(infos)
         rows.append(Row(key, str(out / "plans" / (key.replace(" ", "_").lower() + ".json"))
                         if "DDPG" not in key else str(out / "plans" / "cw-hawq.json"),
-                        acc, m["weight_bytes"] / 1024, m["avg_w_bits"], m["avg_a_bits"], m["bops_ratio"]))
-        log.stage(f"  {key:<16} {acc * 100:6.2f}%  W {m['avg_w_bits']:.2f} bits  {m['weight_bytes'] / 1024:.1f} KiB")
-        log.cmd(f"accuracy {key}", "eval", cfg.model, *dargs, *limit, "--plan", rows[-1].plan)
+                        acc, m["weight_bytes"] / 1024, m["avg_w_bits"], m["avg_a_bits"], m["bops_ratio"],
+                        nearest_accuracy=near, rounding_s=secs))
+        log.stage(f"  {key:<16} {acc * 100:6.2f}%" + (f" (nearest rounding {near * 100:.2f}%, learned in {secs:.0f} s)"
+                                                     if secs is not None else "")
+                  + f"  W {m['avg_w_bits']:.2f} bits  {m['weight_bytes'] / 1024:.1f} KiB")
+        log.cmd(f"accuracy {key}", "eval", cfg.model, *dargs, *limit, "--plan", rows[-1].plan, *rargs)
     qm.reset()
 
     # which plans go all the way to a compiled artifact: every one in a full run, CW-HAWQ in --quick
@@ -183,12 +206,12 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         slug = key.split(" (")[0].replace(" ", "_").lower()
         onnx_files[key] = out / f"{slug}.onnx"
         summ = export_onnx(loaded, plans[key], str(onnx_files[key]), data=cfg.data, data_dir=cfg.data_dir,
-                           eval_split="test", eval_limit=test_limit,
+                           eval_split="test", eval_limit=test_limit, rounding=rcfg if rcfg is not None else "nearest",
                            meta={"method": plans[key].method or key, "budget": cfg.budget})
         if summ.get("accuracy"):
             rows_by[key].extra["onnxruntime_accuracy"] = summ["accuracy"].get("onnxruntime")
         log.cmd(f"export {key}", "export", cfg.model, *dargs, "--plan", rows_by[key].plan, "--out", onnx_files[key],
-                "--eval", "test")
+                "--eval", "test", *rargs)
         log.stage(f"  {key}: {onnx_files[key]} ({onnx_files[key].stat().st_size / 1024:.0f} KiB)")
 
     if cfg.compile:
@@ -268,13 +291,21 @@ def write_report(cfg, out: Path, rows, sens, plan, infos, log) -> Path:
              f"{'quick' if cfg.quick else 'full'} run of {time.time() - log.t0:.0f} s on {os.cpu_count()} cores. "
              f"All numbers below were measured in this run.", "",
              "| method | test accuracy | avg W bits | avg A bits | weight size (KiB) | BOPs ratio | "
-             "latency batch 1, TVM llvm (ms) | latency vs fp32 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "latency batch 1, TVM llvm (ms) | latency vs fp32 | test accuracy, nearest rounding | "
+             "learned rounding (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = f"{r.latency_ms:.3f}" if r.latency_ms is not None else "-"
         rel = f"{r.latency_ms / fp32_ms:.2f}x" if r.latency_ms is not None and fp32_ms else "-"
+        near = f"{r.nearest_accuracy * 100:.2f}%" if r.nearest_accuracy is not None else "-"
+        secs = f"{r.rounding_s:.1f}" if r.rounding_s is not None else "-"
         lines.append(f"| {r.name} | {r.accuracy * 100:.2f}% | {r.avg_w_bits:.2f} | {r.avg_a_bits:.2f} | "
-                     f"{r.size_kib:.1f} | {r.bops_ratio:.4f} | {lat} | {rel} |")
+                     f"{r.size_kib:.1f} | {r.bops_ratio:.4f} | {lat} | {rel} | {near} | {secs} |")
+    if any(r.rounding_s is not None for r in rows):
+        lines += ["", f"- Weights: every plan's rounding is learned (post-training, no labels: AdaRound-style "
+                      f"reconstruction on the {getattr(log, 'calib_n', '')} calibration samples, docs/rounding.md); "
+                      f"the column 'nearest rounding' is the same plan with every weight rounded to the nearest code. "
+                      f"The DDPG search's rewards use nearest rounding."]
     if ort is not None:
         lines += ["", f"- Latency: the compiled artifacts (our packed integer kernels; fp32 on our fp32 kernels) and, "
                       f"for reference, the fp32 ONNX file in onnxruntime ({ort:.3f} ms), all measured on this CPU in "

@@ -49,7 +49,7 @@ from .models import LoadedModel, load_model
 from .onnx_graph import OnnxGraph, prune
 from .onnx_graph import attrs as onnx_attrs
 from .plan import load_plan
-from .simulate import calibration_set, simulate_plan
+from .simulate import calibration_set, rounding_config, rounding_summary, simulate_plan
 
 FORMATS = ("qdq", "int8-container")
 MIN_OPSET = 17          # int8-container and 8/6-bit-only plans (per-axis Q/DQ exists since 13)
@@ -741,8 +741,9 @@ def _build_and_open(float_model, qm, sim, fmt: str, opset: int, sens):
     return m, _ort_session(m.SerializeToString()), fmt, reports, fallback
 
 
-def _model_meta(plan, loaded, fmt, data, calib, calib_batches, act_scale, finetune_epochs) -> dict:
-    """The file's ``cwhawq.*`` annotations (docs/onnx-format.md)."""
+def _model_meta(plan, loaded, fmt, data, calib, calib_batches, act_scale, finetune_epochs, sim=None) -> dict:
+    """The file's ``cwhawq.*`` annotations (docs/onnx-format.md); ``sim``: the simulation exported, whose
+    weight rounding ``cwhawq.rounding`` records."""
     return {
         "cwhawq.version": __version__,
         "cwhawq.format": fmt,
@@ -757,11 +758,12 @@ def _model_meta(plan, loaded, fmt, data, calib, calib_batches, act_scale, finetu
                                           "split": "train" if isinstance(data, str) else calib.split,
                                           "samples": len(calib), "seed": 1, "calib_batches": calib_batches,
                                           "act_scale": act_scale, "finetune_epochs": finetune_epochs}),
+        "cwhawq.rounding": json.dumps(_rounding_meta(sim)),
     }
 
 
 def _summary(out, loaded, plan, plan_src, qm, m, fmt, opset, reports, fp32_file, size, check, accuracy, fallback,
-             t0) -> dict:
+             t0, rounding_rep=None) -> dict:
     """What :func:`export_onnx` returns (and ``cwhawq export`` prints)."""
     nparams = sum(int(i.params) for i in qm.layer_infos)
     hist: dict[str, float] = {}
@@ -778,14 +780,18 @@ def _summary(out, loaded, plan, plan_src, qm, m, fmt, opset, reports, fp32_file,
         "gathers": sum(r["unperm"] == "gather" for r in reports) + sum(
             1 for n in m.graph.node if n.name.endswith("/perm_in")),
         "folded": sum(r["unperm"].startswith("folded") for r in reports),
-        "verify": check, "accuracy": accuracy, "fallback": fallback, "seconds": round(time.time() - t0, 3),
+        "verify": check, "accuracy": accuracy, "fallback": fallback,
+        "rounding": rounding_rep if rounding_rep is not None else {"method": "nearest"},
+        "seconds": round(time.time() - t0, 3),
     }
 
 
 def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None = None,
                 meta: dict | None = None, *, data_dir: str | None = None, calib_batches: int = 4,
                 act_scale: str = "pow2", finetune_epochs: int = 0, sens=None, verify: int = 64,
-                eval_split: str | None = None, eval_limit: int | None = None, batch_size: int = 500) -> dict:
+                eval_split: str | None = None, eval_limit: int | None = None, batch_size: int = 500,
+                rounding=None, rounding_iters: int | None = None, rounding_seed: int = 0,
+                progress: bool = False, log=None) -> dict:
     """Export ``model`` (zoo:NAME, .pt2 or a LoadedModel) under ``plan`` (path or Plan) to ``out``.
 
     The plan is simulated exactly as ``cwhawq eval --plan`` does (:func:`cwhawq.simulate.simulate_plan`;
@@ -794,6 +800,11 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
     its ``cwhawq.calibration`` annotation. ``verify`` samples of the
     calibration set are run through onnxruntime and compared with the simulation; ``eval_split``
     (e.g. "test") also measures both accuracies on that split and records them in ``cwhawq.accuracy``.
+    ``rounding`` (``learned``, the default without a fine-tune, or ``nearest``; or a
+    :class:`cwhawq.rounding.RoundingConfig`): how the weight codes are made
+    (:func:`cwhawq.simulate.rounding_config`); learned codes are reconstructed on the calibration set,
+    deterministically from the plan, the calibration samples, the options (``rounding_iters``,
+    ``rounding_seed``) and the thread count, and the file records how (``cwhawq.rounding``).
     Returns a summary dict (layers, bits, sizes, opset, comparison). Nothing is written on error.
     """
     t0 = time.time()
@@ -821,6 +832,8 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
     else:
         plan_src = "<plan>"
     opset = _check_opset(plan, fmt, opset)
+    rcfg = rounding if hasattr(rounding, "iters") else rounding_config(rounding, rounding_iters, rounding_seed,
+                                                                        finetune_epochs)
     check_plan_model(plan, loaded, f"plan {plan_src}" if plan_src != "<plan>" else "the plan")
     data = require_data(loaded, data, "calibrate it on")
     calib = calibration_set(data, data_dir, calib_batches)
@@ -832,11 +845,12 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
         eval_ds = load_data(data, eval_split, data_dir).subset(eval_limit)
         check_labels(eval_ds, model_classes(loaded))
     qm, plan, sim = simulate_plan(loaded, plan, data if finetune_epochs else calib, data_dir, calib_batches,
-                                  act_scale, finetune_epochs)
+                                  act_scale, finetune_epochs, rounding=rcfg, progress=progress, log=log)
+    rounding_rep = rounding_summary(sim)
     float_model = torch_export(qm, loaded.input_shape, opset)
     fp32_file = len(float_model.SerializeToString())
     m, sess, fmt, reports, fallback = _build_and_open(float_model, qm, sim, fmt, opset, sens)
-    model_meta = _model_meta(plan, loaded, fmt, data, calib, calib_batches, act_scale, finetune_epochs)
+    model_meta = _model_meta(plan, loaded, fmt, data, calib, calib_batches, act_scale, finetune_epochs, sim)
     for k, v in (meta or {}).items():
         model_meta[k if k.startswith("cwhawq.") else f"cwhawq.{k}"] = v if isinstance(v, str) else json.dumps(v)
     check = None
@@ -858,7 +872,21 @@ def export_onnx(model, plan, out, data=None, fmt: str = "qdq", opset: int | None
         onnx.save_model(m, str(tmp))
         size = Path(tmp).stat().st_size
     return _summary(out, loaded, plan, plan_src, qm, m, fmt, opset, reports, fp32_file, size, check, accuracy,
-                    fallback, t0)
+                    fallback, t0, rounding_rep)
+
+
+def _rounding_meta(sim) -> dict:
+    """The ``cwhawq.rounding`` annotation: how the weight codes were made (enough to make them again
+    from the plan and the calibration recorded in ``cwhawq.calibration``)."""
+    r = getattr(sim, "rounding", None)
+    if not r:
+        return {"method": "nearest"}
+    keep = ("method", "iters", "batch_size", "lr", "reg", "beta", "warmup", "mode", "inputs", "drop_prob", "seed",
+            "samples", "threads", "seconds")
+    out = {k: r[k] for k in keep if k in r}
+    out["output_error"] = [{"unit": u["unit"], "nearest": u["loss_nearest"], "learned": u["loss_learned"]}
+                           for u in r.get("units", [])]
+    return out
 
 
 def summary_text(rep: dict) -> str:
@@ -891,6 +919,13 @@ def summary_text(rep: dict) -> str:
                      f"{a['onnxruntime'] * 100:.2f}%; logits: max |diff| {a['max_abs_diff']:.3g} "
                      f"({a['rel_diff']:.2g} of the range), {a['within_1e-4'] * 100:.1f}% of samples within 1e-4, "
                      f"argmax agreement {a['argmax_agreement'] * 100:.2f}%")
+    r = rep.get("rounding") or {}
+    if r.get("method") == "learned":
+        lines.append(f"weights: learned rounding ({r['mode']}-wise, {r['iters']} steps per {r['mode']}, seed {r['seed']}, "
+                     f"{r['samples']} calibration samples): {r['seconds']:.1f} s"
+                     + (" (reused from earlier in this process)" if r.get("cached") else ""))
+    elif r:
+        lines.append("weights: nearest rounding")
     if rep.get("fallback"):
         lines.append(f"warning: {rep['fallback']}")
     lines.append(f"-> {rep['out']}")

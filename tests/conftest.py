@@ -64,3 +64,12 @@ def cli_env(**extra) -> dict:
     env = dict(os.environ, **extra)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
+
+
+@pytest.fixture(autouse=True)
+def _few_rounding_steps(monkeypatch):
+    """Learned rounding is the default of eval --plan, export, search and demo; tests that are not about
+    it get 8 steps per block instead of the default (tests/test_rounding.py sets its own)."""
+    from cwhawq import rounding
+
+    monkeypatch.setattr(rounding, "DEFAULT_ITERS", 8)

@@ -54,7 +54,8 @@ def _random_plan(infos, rng, w_bits=(8, 6, 4, 3, 2), w_p=None, a_bits=(8, 6, 4),
 
 
 def _sim(loaded, plan, data):
-    qm, _, sim = api.simulate_plan(loaded, plan, data)
+    """The simulation that export_onnx exports (learned rounding, its default; the same codes)."""
+    qm, _, sim = api.simulate_plan(loaded, plan, data, rounding="learned")
     return qm
 
 

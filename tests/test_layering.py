@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
      "cwhawq.zoo"),                                                        # 0 foundations, kernels, zoo nets
     ("cwhawq.data", "cwhawq.models", "cwhawq.plan"),                      # 1 data, model specs, the plan
     ("cwhawq.graph", "cwhawq.evaluate", "cwhawq.onnx_plan"),              # 2 layers of a model; accuracy
-    ("cwhawq.hessian", "cwhawq.quantize"),                                # 3 sensitivity; simulation
+    ("cwhawq.hessian", "cwhawq.quantize", "cwhawq.rounding"),             # 3 sensitivity; simulation; learned rounding
     ("cwhawq.checks", "cwhawq.baselines"),                                # 4 input checks; baseline planners
     ("cwhawq.simulate",),                                                 # 5 calibration + simulate a plan
     ("cwhawq.search", "cwhawq.export", "cwhawq.backends"),                # 6 search; ONNX export; TVM
@@ -167,3 +167,14 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
     got = [t for t, _ in imports_of("cwhawq.search.x", src, modules)]
     assert got == ["cwhawq.search.data", "cwhawq.search.api", "cwhawq.plan"]
     assert layer_of("cwhawq.api") > layer_of("cwhawq.search.x") > layer_of("cwhawq.plan")
+
+
+def test_the_cli_imports_without_torch():
+    """``cwhawq --help``, ``bench`` and ``run`` need neither torch nor TVM: importing the CLI loads neither
+    (stages that need them import them inside the command)."""
+    import subprocess
+    import sys
+
+    code = "import sys, cwhawq.cli; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

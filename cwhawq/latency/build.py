@@ -364,8 +364,12 @@ def _measure_whole(pool, jobs: list[dict]) -> tuple[list[list[float]], list]:
     return medians, boards
 
 
-def _compile_plan(loaded, plan, target, batch, onnx_path: Path, art: Path, data, data_dir, calib_batches) -> None:
-    export_onnx(loaded, plan, onnx_path, data=data, data_dir=data_dir, calib_batches=calib_batches, verify=0)
+def _compile_plan(loaded, plan, target, batch, onnx_path: Path, art: Path, data, data_dir, calib_batches,
+                  rounding="nearest") -> None:
+    """Export and compile a plan to time it. The weight codes do not change the latency, so nearest
+    rounding (fast) unless ``rounding`` asks otherwise (an artifact that is kept)."""
+    export_onnx(loaded, plan, onnx_path, data=data, data_dir=data_dir, calib_batches=calib_batches, verify=0,
+                rounding=rounding)
     compile_model(onnx_path, target, art, batch=batch)
 
 
@@ -412,7 +416,8 @@ def measure_artifacts(artifacts, device: str | None = None, batch: int = 1, remo
 def measure_plans(model: str, plans, target: str = "llvm", batch: int = 1, remote: Remote | None = None,
                   table: LatencyTable | None = None, data=None, data_dir: str | None = None,
                   calib_batches: int = 4, repeat: int = 100, min_repeat_ms: int = 1, warmup: int = 10,
-                  timeout: float = 60.0, artifacts_dir: str | Path | None = None, log=None) -> dict:
+                  timeout: float = 60.0, artifacts_dir: str | Path | None = None, log=None,
+                  rounding="nearest") -> dict:
     """Compile ``plans`` (``[(Plan, name)]``) and the fp32 model for ``target`` and measure them all in
     the same rounds (:func:`measure_artifacts`, here or on a board behind a tracker), so that the
     measured ratio to fp32 compares numbers taken under the same conditions.
@@ -420,7 +425,9 @@ def measure_plans(model: str, plans, target: str = "llvm", batch: int = 1, remot
     Returns ``{"fp32_s", "fp32_round_medians_s", "plans": [{plan, measured_s, round_medians_s,
     measured_ratio, predicted_s?, predicted_ratio?, rel_error?, board, artifact?}], target, batch,
     where}``; the prediction fields when ``table`` is given. ``artifacts_dir``: keep the compiled
-    plans there (``<name>.so``); otherwise they live in a temporary directory."""
+    plans there (``<name>.so``, their weights rounded as ``rounding`` says: ``nearest``, ``learned`` or a
+    :class:`cwhawq.rounding.RoundingConfig`); otherwise they live in a temporary directory (nearest
+    rounding: the codes do not change the latency)."""
     log = log or (lambda m: None)
     ts = resolve_target(target)
     loaded = load_model(model)
@@ -434,7 +441,8 @@ def measure_plans(model: str, plans, target: str = "llvm", batch: int = 1, remot
         for k, (plan, name) in enumerate(plans):
             art = (keep / f"{name}.so") if keep else tmp / f"plan{k}.so"
             log(f"compiling {name} for {ts.name}")
-            _compile_plan(loaded, plan, target, batch, tmp / f"plan{k}.onnx", art, data, data_dir, calib_batches)
+            _compile_plan(loaded, plan, target, batch, tmp / f"plan{k}.onnx", art, data, data_dir, calib_batches,
+                          rounding if artifacts_dir is not None else "nearest")
             arts.append((art, name))
         res = measure_artifacts(arts, ts.device, batch, remote, repeat=repeat, min_repeat_ms=min_repeat_ms,
                                 warmup=warmup, timeout=timeout, log=log)

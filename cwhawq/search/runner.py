@@ -108,7 +108,11 @@ class SearchConfig:
     to the reward (see :mod:`cwhawq.search.reward`). ``reward``: a name of
     :data:`cwhawq.search.reward.REWARDS`; ``enforce`` (a name of :data:`cwhawq.search.env.ENFORCE_MODES`)
     and ``action_margin``: see :mod:`cwhawq.search.env`. ``on_episode(record)`` is called after every
-    episode.
+    episode. Every episode's reward is measured with nearest rounding (fast); ``rounding`` (a
+    :class:`cwhawq.rounding.RoundingConfig`, or None: nearest) then learns the weight rounding of the
+    best plan on the calibration samples and measures it on the same validation subset
+    (``plan.meta["search"]["rounding"]``; ``log_line`` gets its progress lines). Neither is part of
+    the checkpoint's identity: the episodes do not depend on them.
     """
 
     model: str
@@ -136,6 +140,8 @@ class SearchConfig:
     latency_weight: float = 0.0
     progress: bool = False
     on_episode: object = None
+    rounding: object = None
+    log_line: object = None
     agent: dict = field(default_factory=dict)
 
     @classmethod
@@ -240,7 +246,7 @@ class _Search:
         check_same_model(self.sens_d.get("model"), self.sens_d.get("model_sha256"), loaded,
                          "the sensitivity" if isinstance(c.sens, dict) else f"sensitivity file {c.sens}")
         data = self.data = require_data(loaded, c.data, "search on")
-        qm = qmodel_from_loaded(loaded)
+        qm = self.qm = qmodel_from_loaded(loaded)
         infos = self.infos = qm.layer_infos
         sensitivity_by_layer(self.sens_d, infos, self.sens_src)
         all_bits = tuple(sorted(set(self.w_set) | set(self.a_set)))
@@ -258,8 +264,8 @@ class _Search:
         val = self.val = D.load(data, "val", c.data_dir).subset(c.val_samples)
         check_input_shape(loaded.input_shape, val)
         check_labels(val, model_classes(loaded))
-        calib = calibration_set(data, c.data_dir, c.calib_batches)
-        quantizer = Quantizer(qm, calib, act_scale=c.act_scale)
+        calib = self.calib = calibration_set(data, c.data_dir, c.calib_batches)
+        quantizer = self.quantizer = Quantizer(qm, calib, act_scale=c.act_scale)
         train = D.load(data, "train", c.data_dir) if c.finetune_steps else None
         if train is not None:
             check_labels(train, model_classes(loaded))
@@ -382,6 +388,11 @@ class _Search:
             "checkpoint": str(self.ckpt_p) if self.ckpt_p else None}}
         if self.start > 0:
             plan.meta["search"]["resumed_at"] = self.start
+        if c.rounding is not None:
+            plan.meta["search"]["rounding"] = _final_rounding(plan, self.qm, self.quantizer, self.evaluator,
+                                                              self.calib, c.rounding, c.progress, c.log_line)
+        else:
+            plan.meta["search"]["rounding"] = {"method": "nearest"}
         if self.lat_cost is not None:
             lat = {"predicted_ratio": self.lat_cost.exact(plan)}
             if table is not None:
@@ -395,6 +406,21 @@ class _Search:
         if self.out_p is not None:
             plan.save(self.out_p)
         return plan
+
+
+def _final_rounding(plan, qm, quantizer, evaluator, calib, cfg, progress, log_line) -> dict:
+    """Learned rounding of the final plan and its accuracy on the search's validation subset."""
+    from ..rounding import learn_rounding
+
+    sim = quantizer.apply(plan)
+    try:
+        rep = learn_rounding(sim, calib, cfg, progress=progress, log=log_line)
+        acc, loss = evaluator._measure()
+    finally:
+        qm.reset()
+    return {"method": "learned", "val_accuracy": acc, "val_loss": loss, "seconds": rep["seconds"],
+            "iters": rep["iters"], "seed": rep["seed"], "mode": rep["mode"], "inputs": rep["inputs"],
+            "samples": rep["samples"]}
 
 
 @contextlib.contextmanager
