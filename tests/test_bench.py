@@ -379,7 +379,8 @@ def test_one_layer_models_are_what_export_onnx_writes(tmp_path):
     ex = OneLayerExporter(shp)
     ex.write(counts, 2, tmp_path / "fast.onnx")
     plan = Plan([LayerPlan("0", [b for b in BIT_CLASSES for _ in range(counts[b])], [8] * 4)], (2, 4, 8))
-    export_onnx(ex.loaded, plan, tmp_path / "ref.onnx", data=_calibration(shp, 2), verify=0)
+    export_onnx(ex.loaded, plan, tmp_path / "ref.onnx", data=_calibration(shp, 2), verify=0,
+                rounding="nearest")   # latency models carry nearest codes (they do not change the speed)
     a, b = onnx.load(str(tmp_path / "fast.onnx")), onnx.load(str(tmp_path / "ref.onnx"))
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
     ia = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
