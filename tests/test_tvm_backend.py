@@ -57,9 +57,15 @@ class _Builder:
         self.nodes.append(n)
         return n
 
-    def qlayer(self, name, x, kind, w, b, w_bits, a_bits, a_signed, ranges, conv_attrs=None, perm_fold=False):
-        """One quantized layer; returns the output tensor name (original channel order)."""
-        cin_axis_shape = (1, -1, 1, 1) if kind != "linear" else (1, -1)
+    def qlayer(self, name, x, kind, w, b, w_bits, a_bits, a_signed, ranges, conv_attrs=None, perm_fold=False,
+               act_axis=None):
+        """One quantized layer; returns the output tensor name (original channel order). ``kind``
+        "token": a Linear on [B, T, K] (MatMul on the transposed weights + Add, activation
+        quantizer per feature on axis 2; ``act_axis`` overrides that axis)."""
+        cin_axis_shape = {"linear": (1, -1), "token": (1, 1, -1)}.get(kind, (1, -1, 1, 1))
+        qaxis = {"token": 2}.get(kind, 1) if act_axis is None else act_axis
+        if act_axis is not None:
+            cin_axis_shape = tuple(-1 if d == act_axis else 1 for d in range(len(cin_axis_shape)))
         S, k = qz.act_pow2_scales(ranges, a_bits, a_signed)
         s = (np.float32(S) * np.exp2(k).astype(np.float32)).astype(np.float32)
         qlo, qhi = qz.act_bounds(s, a_bits, a_signed)
@@ -69,8 +75,8 @@ class _Builder:
         zp = self._t(np.zeros(len(s), np.int8 if a_signed else np.uint8), f"{name}.act_zp")
         t = self.node("Max", [x, lo], name=f"{name}/act_max").output[0]
         t = self.node("Min", [t, hi], name=f"{name}/act_min").output[0]
-        t = self.node("QuantizeLinear", [t, sc, zp], name=f"{name}/act_q", axis=1).output[0]
-        xin = self.node("DequantizeLinear", [t, sc, zp], name=f"{name}/act_dq", axis=1).output[0]
+        t = self.node("QuantizeLinear", [t, sc, zp], name=f"{name}/act_q", axis=qaxis).output[0]
+        xin = self.node("DequantizeLinear", [t, sc, zp], name=f"{name}/act_dq", axis=qaxis).output[0]
         w_bits = np.asarray(w_bits)
         ws = qz.weight_scales(w, w_bits)
         codes = qz.quantize_weight(w, w_bits, ws)
@@ -88,7 +94,10 @@ class _Builder:
         wt = dq_outs[0] if len(dq_outs) == 1 else self.node("Concat", dq_outs, name=f"{name}/concat_w",
                                                              axis=0).output[0]
         bn = self._t(b[perm].astype(np.float32), f"{name}.bias")
-        if kind == "linear":
+        if kind == "token":
+            wtt = self.node("Transpose", [wt], name=f"{name}/w_t", perm=[1, 0]).output[0]
+            core = self.node("MatMul", [xin, wtt], name=name)
+        elif kind == "linear":
             core = self.node("Gemm", [xin, wt, bn], name=name, transB=1)
         else:
             core = self.node("Conv", [xin, wt, bn], name=name, **(conv_attrs or {}))
@@ -100,10 +109,12 @@ class _Builder:
             e = core.metadata_props.add()
             e.key, e.value = kk, v
         out = core.output[0]
+        if kind == "token":
+            out = self.node("Add", [out, bn], name=f"{name}/bias").output[0]
         if not np.array_equal(perm, np.arange(len(perm))) and not perm_fold:
             inv = np.argsort(perm).astype(np.int64)
             ind = self._t(inv, f"{name}.inv_perm")
-            out = self.node("Gather", [out, ind], name=f"{name}/unperm", axis=1).output[0]
+            out = self.node("Gather", [out, ind], name=f"{name}/unperm", axis=2 if kind == "token" else 1).output[0]
         return out
 
     def model(self, inputs, outputs, opset=25):
@@ -154,6 +165,63 @@ def mixed_cnn(fmt: str = "qdq", batch="N", seed: int = 0, h: int = 9):
     assert last
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])
     return bld.model([x], [y])
+
+
+def tiny_transformer(seed: int = 0, t: int = 6, d: int = 8, heads: int = 2, mlp: int = 16,
+                     per_token_layer: bool = False):
+    """A pre-LN transformer block on token inputs [N, T, D] in the exported format: LayerNorm,
+    Q/K/V/out projections and a GELU (erf) MLP as quantized token Linears (MatMul + Add, per-feature
+    activation quantizers on axis 2, mixed 8/4/2-bit weights), softmax attention in float, two
+    residual Adds. ``per_token_layer`` adds a last Linear whose activation quantizer is per *token*
+    (axis 1; with T == D it has as many scales as features)."""
+    bld = _Builder("qdq", seed)
+    rng = bld.rng
+    hd = d // heads
+
+    def const(arr, name):
+        return bld._t(np.asarray(arr, np.float32), name)
+
+    def ln(x, name):
+        g = const(1 + 0.1 * rng.normal(size=d), f"{name}.g")
+        b = const(0.1 * rng.normal(size=d), f"{name}.b")
+        return bld.node("LayerNormalization", [x, g, b], name=name, axis=-1, epsilon=1e-5).output[0]
+
+    def lin(x, name, k, n):
+        w = (rng.normal(size=(n, k)) / np.sqrt(k)).astype(np.float32)
+        b = (0.1 * rng.normal(size=n)).astype(np.float32)
+        return bld.qlayer(name, x, "token", w, b, _bits(rng, n), np.full(k, 8), True,
+                          rng.uniform(0.5, 4.0, size=k).astype(np.float32))
+
+    def heads_of(x, name, perm):
+        shp = bld._t(np.array([-1, t, heads, hd], np.int64), f"{name}.shape")
+        r = bld.node("Reshape", [x, shp], name=f"{name}/split").output[0]
+        return bld.node("Transpose", [r], name=f"{name}/heads", perm=perm).output[0]
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", t, d])
+    h = ln("x", "ln1")
+    q = heads_of(lin(h, "attn.q", d, d), "q", [0, 2, 1, 3])
+    k = heads_of(lin(h, "attn.k", d, d), "k", [0, 2, 3, 1])
+    v = heads_of(lin(h, "attn.v", d, d), "v", [0, 2, 1, 3])
+    sc = bld.node("MatMul", [q, k], name="scores").output[0]
+    sc = bld.node("Div", [sc, const(np.sqrt(hd), "sqrt_hd")], name="scale").output[0]
+    a = bld.node("Softmax", [sc], name="softmax", axis=-1).output[0]
+    o = bld.node("MatMul", [a, v], name="attend").output[0]
+    o = bld.node("Transpose", [o], name="merge_t", perm=[0, 2, 1, 3]).output[0]
+    o = bld.node("Reshape", [o, bld._t(np.array([-1, t, d], np.int64), "merge.shape")], name="merge").output[0]
+    x1 = bld.node("Add", ["x", lin(o, "attn.out", d, d)], name="res1").output[0]
+    f = lin(ln(x1, "ln2"), "mlp.fc1", d, mlp)
+    e = bld.node("Erf", [bld.node("Div", [f, const(np.sqrt(2.0), "sqrt2")], name="gelu/div").output[0]],
+                 name="gelu/erf").output[0]
+    e = bld.node("Add", [e, const(1.0, "one")], name="gelu/add").output[0]
+    g = bld.node("Mul", [bld.node("Mul", [f, e], name="gelu/mul").output[0], const(0.5, "half")],
+                 name="gelu/half").output[0]
+    y = bld.node("Add", [x1, lin(g, "mlp.fc2", mlp, d)], name="res2").output[0]
+    if per_token_layer:
+        w = (rng.normal(size=(d, d)) / np.sqrt(d)).astype(np.float32)
+        y = bld.qlayer("per_token", y, "token", w, np.zeros(d, np.float32), _bits(rng, d), np.full(t, 8), True,
+                       rng.uniform(0.5, 4.0, size=t).astype(np.float32), act_axis=1)
+    out = helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", t, d])
+    return bld.model([x], [out])
 
 
 def fp32_cnn(batch="N", seed: int = 1):
@@ -339,6 +407,64 @@ def test_clip_fuses_into_the_layer(tmp, backend, quantized):
         # fp32: the two reductions add in different orders (terms of up to ~100 here)
         assert float(np.abs(ys[0] - refs[0]).max()) <= (1e-5 if quantized else 2e-6 * float(np.abs(xin).max())) * 6
         _close(ys[1], refs[1], rel=1e-3 if quantized else 1e-5)
+
+
+TOKEN_LAYERS = {"attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc1", "mlp.fc2"}
+
+
+def _transformer_inputs(rng, t, d):
+    """Batches 1 and 3, and inputs far outside the calibrated ranges (x100), zero, large, negative."""
+    return [rng.normal(size=(1, t, d)).astype(np.float32), rng.normal(size=(3, t, d)).astype(np.float32),
+            rng.normal(size=(2, t, d)).astype(np.float32) * 100, np.zeros((2, t, d), np.float32),
+            np.full((1, t, d), 1e4, np.float32), -np.abs(rng.normal(size=(2, t, d))).astype(np.float32) * 30]
+
+
+def test_transformer_block_matches_onnxruntime(tmp, backend):
+    """Token Linears (MatMul + bias Add on [N, T, D]) on the packed integer kernels with M = N x T
+    rows, the residual Adds fused; LayerNorm, softmax, the attention matmuls and GELU on our CPU
+    schedules; compiled = onnxruntime within 1e-3 relative on every input."""
+    t, d = 6, 8
+    m = tiny_transformer(3, t=t, d=d)
+    path = tmp / "tiny_transformer.onnx"
+    onnx.save(m, str(path))
+    res = backend.compile_model(path, "llvm", tmp / "tiny_transformer.so")
+    lowered = {s["layer"]: s for s in res.report["lowered"]}
+    assert set(lowered) == TOKEN_LAYERS
+    for s in lowered.values():
+        assert s["mode"] == "int" and s["act"]["integer"], s
+    assert lowered["attn.out"]["fused"] == ["add"] and lowered["mlp.fc2"]["fused"] == ["add"]
+    assert res.report["fallback_to_tvm_fp32"] == [  # only the attention's activation x activation products
+        {"node": n, "op": "MatMul", "reason": "weights are not constant (or not a per-channel DequantizeLinear "
+         "of constants)"} for n in ("scores", "attend")]
+    assert res.report["schedule_fallbacks"] == []
+    rewritten = backend.onnx_import.analyze(m).model
+    left = {n.op_type for n in rewritten.graph.node}
+    assert "Gather" not in left and "QuantizeLinear" not in left  # channel order and quantizers absorbed
+    art = backend.load_artifact(res.artifact)
+    for x in _transformer_inputs(np.random.default_rng(4), t, d):
+        (y,) = art.run({"x": x})
+        (ref,) = ort_run(m, {"x": x})
+        _close(y, ref, rel=1e-3)
+
+
+def test_transformer_activation_axis_is_rank_aware(tmp, backend):
+    """T == D: a per-token activation quantizer (axis 1 of [N, T, D]) has as many scales as there are
+    features but is not per feature; it must not be absorbed as one (the layer keeps it in front,
+    in float), and the result still equals onnxruntime's."""
+    t = d = 8
+    m = tiny_transformer(5, t=t, d=d, per_token_layer=True)
+    path = tmp / "tiny_transformer_tk.onnx"
+    onnx.save(m, str(path))
+    res = backend.compile_model(path, "llvm", tmp / "tiny_transformer_tk.so")
+    lowered = {s["layer"]: s for s in res.report["lowered"]}
+    assert set(lowered) == TOKEN_LAYERS | {"per_token"}
+    assert lowered["per_token"]["act"] is None  # its quantizer stays a graph operator
+    assert all(lowered[n]["act"]["integer"] for n in TOKEN_LAYERS)
+    art = backend.load_artifact(res.artifact)
+    for x in _transformer_inputs(np.random.default_rng(6), t, d)[:3]:
+        (y,) = art.run({"x": x})
+        (ref,) = ort_run(m, {"x": x})
+        _close(y, ref, rel=1e-3)
 
 
 def test_packed_size_follows_bits(tmp, backend):

@@ -111,6 +111,7 @@ class LayerPlan:
     fused_consumers: list[int] = field(default_factory=list)  # layers whose input this one's epilogue writes
     fused_from: int | None = None  # the layer that writes this one's activation operand
     emit_y: bool = True            # the float output is needed (graph output, other readers)
+    rank: int | None = None        # dense layers: rank of the input (rows = all but the last axis)
 
     def summary(self, isa: str | None = None) -> dict:
         op = self.op
@@ -235,6 +236,12 @@ def _weight_groups(gr: OnnxGraph, name: str, layout: str):
     n = gr.producer.get(name)
     if n is None:
         return None
+    if n.op_type == "Transpose" and layout in ("nk", "kn"):
+        perm = [int(v) for v in _attrs(n).get("perm", [1, 0])]
+        if perm != [1, 0]:
+            return None
+        # W[k, n] = Transpose(W'[n, k]) (how cwhawq exports a MatMul's weight groups) and back
+        return _weight_groups(gr, n.input[0], "nk" if layout == "kn" else "kn")
     if n.op_type == "Concat":
         if int(_attrs(n).get("axis", 0)) != (0 if layout == "nk" else 1):
             return None
@@ -365,6 +372,7 @@ class LayerWeights:
     kh: int | None = None
     kw: int | None = None
     k_flat: int | None = None      # dense layers: the reduction length
+    rank: int | None = None        # rank of the input (dense layers; None when not inferred)
 
 
 #: ONNX op type -> converter ``(graph, node, attrs) -> LayerWeights | reason it is not lowered``
@@ -423,7 +431,17 @@ def _dense_weights(gr: OnnxGraph, node, at: dict):
             return "only 2-D weights are lowered"
         cout = sum(p[0].shape[0] for p in wsrc[1])
         k_flat = wsrc[1][0][0].shape[1]
-    return LayerWeights(wsrc, "linear", cout, k_flat, lambda ax: ax in (1, -1), k_flat=k_flat)
+    if node.op_type == "Gemm":
+        rank = 2
+    else:
+        shp = gr.shapes.get(node.input[0])
+        rank = len(shp) if shp is not None else None
+        if rank is not None and rank < 2:
+            return "MatMul on a 1-D input is not lowered"
+    # per-feature activation quantizers sit on the last axis; on a [B, T, K] input axis 1 is the
+    # token axis (T == K would otherwise pass for per-feature), so the check needs the rank
+    feat_axes = (rank - 1, -1) if rank is not None else (-1,)
+    return LayerWeights(wsrc, "linear", cout, k_flat, lambda ax: ax in feat_axes, k_flat=k_flat, rank=rank)
 
 
 class _Lowerer:
@@ -476,7 +494,21 @@ class _Lowerer:
         out = node.output[0]
         out_index = None
         nxt = gr.single_consumer(out)
-        if nxt is not None and nxt.op_type == "Gather" and int(_attrs(nxt).get("axis", 0)) == 1 \
+        if node.op_type == "MatMul" and bias is None and nxt is not None and nxt.op_type == "Add" \
+                and len(nxt.input) == 2:
+            # MatMul + Add(constant per output feature): the bias of a Linear as exporters write it
+            other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
+            b = gr.const(other) if other != out else None
+            if b is not None and np.issubdtype(np.asarray(b).dtype, np.floating) and b.size == cout \
+                    and b.shape[-1:] == (cout,) and b.ndim <= max(found.rank or 2, 1):
+                bias = np.asarray(b, np.float32).reshape(-1)
+                replaced.append(nxt.name)
+                out = nxt.output[0]
+                nxt = gr.single_consumer(out)
+        out_axes = (1, -1) if kind == "linear" and found.rank in (None, 2) else (1,)
+        if kind == "linear" and found.rank is not None and found.rank > 2:
+            out_axes = (found.rank - 1, -1)
+        if nxt is not None and nxt.op_type == "Gather" and int(_attrs(nxt).get("axis", 0)) in out_axes \
                 and nxt.input[0] == out:
             idx = gr.const(nxt.input[1])
             if idx is not None and idx.ndim == 1 and sorted(idx.tolist()) == list(range(cout)):
@@ -574,7 +606,8 @@ class _Lowerer:
         self.layers.append(LayerPlan(index=len(self.layers), name=name, kind=kind, op_type=node.op_type,
                                      source=source, output=out, residual=residual, op=op, conv=conv,
                                      plan_w_bits=plan_w_bits,
-                                     replaced=replaced + absorbed, core_len=len(replaced)))
+                                     replaced=replaced + absorbed, core_len=len(replaced),
+                                     rank=found.rank if kind == "linear" else None))
         return None
 
 
@@ -701,7 +734,8 @@ def _assign_fusion(model: onnx.ModelProto, layers: list[LayerPlan]) -> None:
                 other = True
                 continue
             cl = layers[next(a.i for a in n.attribute if a.name == "index")]
-            ok = (lp.kind in spatial and cl.kind in spatial) or (lp.kind == "linear" and cl.kind == "linear")
+            ok = (lp.kind in spatial and cl.kind in spatial) or \
+                (lp.kind == "linear" and cl.kind == "linear" and lp.rank == 2 and cl.rank == 2)
             if cl.kind == "depthwise" and cl.conv["cout"] != cl.conv["cin"]:
                 ok = False
             if ok and cl.fused_from is None and cl.index not in fusable:
@@ -889,19 +923,28 @@ def _emit_layer(bb, lp: LayerPlan, inputs: list, isa: str, layers: list[LayerPla
             raise CompileError(f"layer {lp.name}: input has {shape[-1]} features, weights expect {op.k}")
         x2 = x
         lead = shape[:-1]
-        if len(shape) != 2:
-            rows = lead[0]
-            for d in lead[1:]:
-                rows = rows * d
-            x2 = bb.emit(relax.op.reshape(x, [rows, op.k]))
-        rows_static = _static(shape[0]) if len(shape) == 2 else None
         out_shape = lead + [op.n_out]
         fused_ok = res is None or _same_shape(res, out_shape)
-        if not fused_ok or len(shape) != 2:
-            op_run = replace(op, residual=False, relu=False, clip_hi=None) if res is not None or op.fused_ops() else op
+        if len(shape) != 2:
+            # token inputs [B, T, ..., K]: one GEMM with M = B x T x ... rows; the row count the
+            # kernel is tiled for counts a symbolic batch as 1
+            rows, hint = lead[0], _static(lead[0]) or 1
+            for d in lead[1:]:
+                rows = rows * d
+                hint *= _static(d) or 1
+            x2 = bb.emit(relax.op.reshape(x, [rows, op.k]))
+            if res is not None and fused_ok:
+                res2 = bb.emit(relax.op.reshape(res, [rows, op.n_out]))
+                y = kemit.emit_linear(bb, x2, op, isa, hint, res2, fname)
+                return bb.emit(relax.op.reshape(y, out_shape))
+            op_run = replace(op, residual=False, relu=False, clip_hi=None) if res is not None else op
+            y = kemit.emit_linear(bb, x2, op_run, isa, hint, None, fname)
+            y = bb.emit(relax.op.reshape(y, out_shape))
+            return _unfused_tail(bb, y, res, op) if res is not None else y
+        rows_static = _static(shape[0])
+        if not fused_ok:
+            op_run = replace(op, residual=False, relu=False, clip_hi=None)
             y = kemit.emit_linear(bb, x2, op_run, isa, rows_static or 1, None, fname)
-            if len(shape) != 2:
-                y = bb.emit(relax.op.reshape(y, out_shape))
             return _unfused_tail(bb, y, res, op)
         fused, plans = _fused_outputs(lp, layers, isa, None, [shape[0], op.n_out])
         out = kemit.emit_linear(bb, x2, op, isa, rows_static or 1, res, fname, fused=fused,

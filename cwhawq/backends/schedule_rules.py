@@ -46,11 +46,42 @@ def _work(sch, loops) -> int | None:
     return total
 
 
+def _static_work(sch, loops) -> int:
+    """Iterations with every symbolic extent (a batch) counted as 1."""
+    total = 1
+    for lp in loops:
+        total *= _static(sch.get(lp).extent) or 1
+    return total
+
+
 def _schedule_spatial(sch, block, loops, parallel_ok: bool = True) -> None:
-    """Fuse spatial loops -> [parallel outer, vector inner] (best effort)."""
+    """Fuse spatial loops -> [parallel outer, vector inner] (best effort). With a symbolic
+    (batch) extent the static trailing loops are vectorized on their own, and the nest runs in
+    parallel only when it is large at batch 1: a fork/join per element-wise operator of a
+    batch-1 transformer costs more than the operator."""
     if not loops:
         return
     work = _work(sch, loops)
+    if work is None:
+        big = _static_work(sch, loops) >= PARALLEL_MIN
+        tail = len(loops)
+        while tail > 0 and _static(sch.get(loops[tail - 1]).extent) is not None:
+            tail -= 1
+        inner = loops[tail:]
+        outer_loops = list(loops[:tail])
+        if inner:
+            fi = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+            ext = _static(sch.get(fi).extent)
+            if ext is not None and ext >= 2 * VECTOR and ext % VECTOR == 0:
+                fo, fv = sch.split(fi, factors=[None, VECTOR])
+                sch.vectorize(fv)
+                outer_loops.append(fo)
+            else:
+                outer_loops.append(fi)
+        fused = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+        if parallel_ok and big:
+            sch.parallel(fused)
+        return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     ext = _static(sch.get(fused).extent)
     if ext is not None and ext >= 2 * VECTOR and ext % VECTOR == 0:
@@ -114,8 +145,90 @@ class CpuFallback(ScheduleRule):
         return sch
 
 
+def _vector_bits(target) -> int:
+    """Vector register width of the target's best instruction set (LLVM's own figure says 512
+    on AVX2-only CPUs)."""
+    from ..kernels.isa import select  # noqa: PLC0415
+
+    try:
+        return int(select(target).vector_bits)
+    except Exception:  # noqa: BLE001 - an unknown target: assume 128-bit vectors
+        return 128
+
+
+class CpuMatmul(ScheduleRule):
+    """Float matrix products of activations (attention's ``Q K^T`` and ``A V``, any batch of
+    leading axes) with element-wise epilogues: a block ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
+    is tiled into a few rows by a vector of columns, the reduction outside the tile (the
+    accumulators stay in registers / L1), the leading axes and row tiles in parallel when the
+    product is large enough; epilogue blocks are computed per tile and vectorized."""
+
+    MAX_VEC = 64       # columns of one tile (LLVM splits a wider vector into registers)
+    PARALLEL_MACS = 1 << 15
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        red = [bi for bi in infos if not bi.is_injective()]
+        if len(red) != 1 or infos[0] is not red[0]:
+            return None
+        mm = red[0]
+        kinds = mm.dom_kind()
+        if len(kinds) < 3 or kinds[-1] != "R" or kinds.count("R") != 1 or kinds[-3:-1] != "SS":
+            return None
+        stmt = sch.get(mm.block_rv)
+        if len(stmt.writes) != 1 or str(stmt.writes[0].source.dtype) != "float32":
+            return None
+        loops = sch.get_loops(mm.block_rv)
+        if len(loops) != len(kinds):
+            return None
+        lead, li, lj, lk = loops[:-3], loops[-3], loops[-2], loops[-1]
+        ni, nj, nk = (_static(sch.get(lp).extent) for lp in (li, lj, lk))
+        if None in (ni, nj, nk):
+            return None
+        if nj <= self.MAX_VEC:
+            cols = nj
+        else:
+            cols = next((c for c in (64, 32, 16, 8) if nj % c == 0), None)
+        # rows x column-vectors accumulators within about 12 of the 16 vector registers
+        lanes = _vector_bits(target) // 32
+        vecs = -(-(cols or 1) // lanes)
+        rows = next(r for r in (4, 3, 2, 1) if ni % r == 0 and (r * vecs <= 12 or r == 1))
+        macs = _static_work(sch, lead) * ni * nj * nk
+        io, ii = sch.split(li, factors=[None, rows])
+        if cols is not None:
+            jo, ji = sch.split(lj, factors=[None, cols])
+        else:
+            jo, ji = lj, None
+        order = [io, jo, lk, ii] + ([ji] if ji is not None else [])
+        sch.reorder(*order)
+        outer = sch.fuse(*lead, io) if lead else io
+        if macs >= self.PARALLEL_MACS:
+            sch.parallel(outer)
+        sch.unroll(ii)
+        if ji is not None:
+            sch.vectorize(ji)
+        init = sch.decompose_reduction(mm.block_rv, lk)
+        iloops = sch.get_loops(init)
+        if ji is not None:
+            sch.vectorize(iloops[-1])
+        for bi in infos[1:]:
+            sch.reverse_compute_at(bi.block_rv, jo)
+            el = sch.get_loops(bi.block_rv)
+            if el:
+                e = _static(sch.get(el[-1]).extent)
+                if e is not None and e > 1:
+                    sch.vectorize(el[-1])
+        return sch
+
+
 def cpu_rules() -> list[ScheduleRule]:
-    return [CpuInjective(), dl.cpu.Reduction(), CpuFallback()]
+    return [CpuInjective(), CpuMatmul(), dl.cpu.Reduction(), CpuFallback()]
 
 
 def _first_line(exc: BaseException) -> str:

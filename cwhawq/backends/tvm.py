@@ -77,7 +77,10 @@ def cpu_pipeline(target, database_dir: str | None = None, tune_trials: int = 0, 
     @tvm.transform.module_pass(opt_level=0, name="CwhawqCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
-            passes = cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            # exp / erf / tanh (softmax, GELU) as TVM's vectorizable polynomial approximations
+            # (float32 rounding-level error) instead of scalar libm calls
+            passes = [relax.transform.FastMathTransform()]
+            passes += cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
             if database_dir:
                 if tune_trials > 0:
                     passes.append(_tune_pass(target, database_dir, tune_trials, log))
