@@ -323,18 +323,30 @@ def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor) -> np.ndarray
         return ((delta.double() ** 2).t() @ (x.double() ** 2).sum(1)).numpy()
     kh, kw = q.weight.shape[2:]
     g = q.groups
-    # samples in chunks, so that the per-sample gradients (chunk x weight elements) stay under ~2^24
-    step = max(1, (1 << 24) // max(1, q.weight.numel()))
-    total = None
+    co, ci = q.weight.shape[0] // g, q.weight.shape[1] * kh * kw     # per group: outputs, inputs x kernel
+    p_out = delta[0, 0].numel()                                      # output positions P
+    # ||dL_n/dW_o||^2 = ||D_o U^T||^2 (D: output gradient [o, P], U: unfolded input [i, P]) either from the
+    # per-sample gradients (o i P multiply-adds) or as D_o G D_o^T with the Gram matrix G = U^T U of the
+    # positions (i P^2 + o P^2): the latter where positions are few (the deep layers of a CNN)
+    gram = ci * p_out * p_out + co * p_out * p_out < co * ci * p_out
+    # samples in chunks, so that the per-sample tensors stay under ~2^24 elements
+    size = g * (p_out * p_out if gram else co * ci)
+    step = max(1, (1 << 24) // max(1, size))
+    total = torch.zeros(g * co, dtype=torch.float64)
     for s in range(0, n, step):
         xs, ds = x[s:s + step], delta[s:s + step]
         m = xs.shape[0]
         u = F.unfold(xs, (kh, kw), dilation=q.dilation, padding=q.padding, stride=q.stride)  # m, Cin*kk, P
-        d = ds.reshape(m, g, ds.shape[1] // g, -1)                                           # m, g, Co/g, P
-        u = u.reshape(m, g, u.shape[1] // g, -1)                                             # m, g, Ci/g*kk, P
-        grads = torch.einsum("ngop,ngip->ngoi", d, u)                                        # per-sample grads
-        part = (grads.double() ** 2).sum(dim=(0, 3)).reshape(-1)
-        total = part if total is None else total + part
+        d = ds.reshape(m, g, co, -1)                                                         # m, g, Co/g, P
+        u = u.reshape(m, g, ci, -1)                                                          # m, g, Ci/g*kk, P
+        if gram:
+            d, u = d.double(), u.double()
+            G = torch.einsum("ngip,ngiq->ngpq", u, u)                                        # m, g, P, P
+            part = (torch.einsum("ngop,ngpq->ngoq", d, G) * d).sum(dim=(0, 3))
+        else:
+            grads = torch.einsum("ngop,ngip->ngoi", d, u)                                    # per-sample grads
+            part = (grads * grads).sum(dim=(0, 3), dtype=torch.float64)
+        total += part.reshape(-1)
     return total.numpy()
 
 

@@ -256,3 +256,25 @@ def test_auto_prices_exact_against_ggn():
     assert resolve_scheme("auto", many, tol=0.0, max_probes=10 * expected) == "exact"   # tol 0: every probe
     assert resolve_scheme("auto", few, tol=0.5) == "ggn"   # a loose tolerance needs only MIN_PROBES probes
     assert resolve_scheme("layer", many) == "layer"
+
+
+@pytest.mark.parametrize("cin,cout,hw,groups", [(16, 32, 2, 1), (8, 8, 3, 2), (2, 3, 6, 1), (4, 4, 5, 4)])
+def test_per_sample_weight_squares(cin, cout, hw, groups):
+    """The per-channel sums of squared per-sample weight gradients, by per-sample gradients (many positions)
+    or by the positions' Gram matrix (few positions, many channels: the first case), against autograd
+    sample by sample."""
+    from cwhawq.hessian import _per_sample_weight_sq
+
+    torch.manual_seed(1)
+    conv = nn.Conv2d(cin, cout, 3, padding=1, stride=1, groups=groups, bias=False)
+    conv.is_conv = True
+    x = torch.randn(5, cin, hw, hw)
+    delta = torch.randn(5, cout, hw, hw)
+    want = np.zeros(cout)
+    for n in range(5):
+        w = conv.weight.detach().clone().requires_grad_(True)
+        out = torch.nn.functional.conv2d(x[n:n + 1], w, padding=1, groups=groups)
+        (gw,) = torch.autograd.grad((out * delta[n:n + 1]).sum(), w)
+        want += (gw.double() ** 2).reshape(cout, -1).sum(1).numpy()
+    got = _per_sample_weight_sq(conv, x, delta)
+    assert np.allclose(got, want, rtol=1e-5)
