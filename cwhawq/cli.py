@@ -34,6 +34,8 @@ def _rank() -> int:
 
 def _fail(msg: str, code: int = 2):
     r = _rank()
+    if r and msg.startswith(f"rank {r}: "):
+        msg = msg[len(f"rank {r}: "):]
     click.echo(f"{f'rank {r}: ' if r else ''}error: {msg}", err=True)
     sys.exit(code)
 
@@ -265,7 +267,8 @@ def run_cmd(artifact, inputs, out, as_json):
               help="Stop when every layer trace's standard error is below tol x |trace|.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--scheme", default="auto", show_default=True,
-              help="Probing scheme: auto, exact, ggn, layer, network, interleave:K, channel (docs/hessian.md).")
+              help="Probing scheme: auto (piecewise-linear nets: exact or ggn, whichever needs fewer backward "
+                   "passes; else layer), exact, ggn, layer, network, interleave:K, channel (docs/hessian.md).")
 @click.option("--plot", default=None, help="Write a plot of the per-layer channel-trace distributions.")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
