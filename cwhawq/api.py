@@ -103,7 +103,7 @@ def analyze(model: str, data: str | None = None, out: str | None = None, data_di
     from .models import load_model
 
     t0 = time.time()
-    say = log if log is not None and dist.is_main() else None
+    say = _HeldLines(log) if log is not None and dist.is_main() else None
     if dist.is_main():
         check_outputs([("--out", out), ("--plot", plot)], [("MODEL", _file(model)), ("--data", data_file(data))])
     if scheme != "auto":
@@ -127,6 +127,9 @@ def analyze(model: str, data: str | None = None, out: str | None = None, data_di
         def cb(p, worst):
             bar.update(p - bar.n)
             bar.set_postfix(rel_stderr=f"{worst:.3g}")
+    elif say is not None:
+        def cb(p, worst):
+            say.release()
     try:
         sens = _analyze(qm, ds, batch_size=batch_size, batches=batches, max_probes=max_probes, tol=tol,
                         seed=seed, scheme=scheme, progress=cb, model_name=model, log=say)
@@ -149,6 +152,29 @@ def analyze(model: str, data: str | None = None, out: str | None = None, data_di
     if say is not None and (out or plot):
         say(f"wrote {', '.join(str(p) for p in (out, plot) if p)}")
     return sens
+
+
+class _HeldLines:
+    """Progress lines that are held back until the first probe (or class pass of ``exact``) is done, so
+    that input the first products reject (an operator without a second derivative, NaN data) ends in
+    the error line alone; from then on every line goes out as it comes."""
+
+    def __init__(self, log):
+        self.log, self.held = log, []
+
+    def release(self):
+        if self.held is not None:
+            for line in self.held:
+                self.log(line)
+            self.held = None
+
+    def __call__(self, line: str):
+        if self.held is not None and line.startswith(("  exact:", "  traces:", "sensitivities")):
+            self.release()   # work has been done: what came before it is worth showing
+        if self.held is None:
+            self.log(line)
+        else:
+            self.held.append(line)
 
 
 def _latency_table(t):
