@@ -14,7 +14,8 @@ of the machine around the run (other people's work shares the cores). Usage:
 
     python benchmarks/bench_scale_out.py [--what analyze,search,resnet18] [--work DIR] [--no-write]
 
-With ``--work DIR`` reused, the rows measured there before stay in the table unless measured again.
+With ``--work DIR`` reused, the rows measured there before stay in the table unless measured again
+(``--what ""`` only rewrites the table from them).
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def main():
     # rows of earlier runs in the same --work directory stay in the table unless measured again
     saved = work / "rows.json"
     rows = json.loads(saved.read_text()) if saved.exists() else []
-    for what in args.what.split(","):
+    for what in filter(None, args.what.split(",")):   # --what "": rewrite the table from the saved rows
         new = {"analyze": bench_analyze, "search": bench_search, "resnet18": bench_resnet18}[what](work)
         rows = [r for r in rows if r["what"] not in {n["what"] for n in new}] + new
         saved.write_text(json.dumps(rows, indent=1))

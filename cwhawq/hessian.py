@@ -610,7 +610,7 @@ def analyze(qm: QModel, data: Dataset, batch_size: int = 128, batches: int = 1, 
                    f" (auto: {num_classes(qm)} classes, i.e. backward passes per batch for exact, against the "
                    f"ggn probes expected to reach tol {tol:g})")
         log(f"traces of {len(qm.names)} layers on {n} samples in {len(bl)} batch{'es' if len(bl) > 1 else ''} "
-            f"of {batch_size}: scheme {scheme}{why}"
+            f"(batch size {batch_size}): scheme {scheme}{why}"
             + (f"; {dist.world()} processes, each on its share of every batch" if dist.active() else ""))
     tr = channel_traces(qm, bl, scheme=scheme, max_probes=max_probes, tol=tol, seed=seed, progress=progress,
                         log=log)
