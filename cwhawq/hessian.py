@@ -55,7 +55,7 @@ DEFAULT_SCHEME = "auto"   # piecewise linear: exact or ggn, whichever costs fewe
 MIN_PROBES = 8
 # per-probe relative standard deviation of the worst layer's ggn trace that ``auto`` assumes when it
 # prices ggn: the low end of what was measured (0.09 on ResNet-18 at 224 with 1000 classes and 16
-# images; 0.2 on lenet-fmnist, 0.6 on resnet20-fmnist with 10 classes; docs/scale-out.md), so that
+# images; 0.2 on lenet-fmnist, 0.6 on resnet20-fmnist with 10 classes; docs/hessian.md), so that
 # ggn is chosen only where exact would need more backward passes than ggn does at its best
 GGN_PROBE_REL_SD = 0.1
 
