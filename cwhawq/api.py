@@ -35,10 +35,16 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
     """Accuracy of a model spec (zoo:NAME, .pt2, .onnx) on a dataset split, optionally under a plan.
 
     ``data``: a dataset spec; None takes a zoo model's own dataset (:func:`cwhawq.checks.require_data`).
-    ``rounding``: how a plan's weights are rounded (:func:`simulate_plan`)."""
+    ``rounding``: how a plan's weights are rounded (:func:`simulate_plan`). Under torchrun
+    (:mod:`cwhawq.dist`) every rank predicts its share of the split and the correct counts are summed
+    (a plan is simulated, calibrated and rounded on every rank alike)."""
+    from . import dist
     from .checks import check_labels, model_classes, require_data
-    from .evaluate import accuracy, check_input_shape, onnx_predict
+    from .evaluate import check_input_shape, onnx_predict, predict, sharded_accuracy
     from .simulate import rounding_config, rounding_summary, simulate_plan
+
+    if not dist.is_main():
+        progress, log = False, None
 
     rcfg = rounding_config(rounding, rounding_iters, rounding_seed, finetune_epochs)
     if str(model).endswith(".onnx"):
@@ -50,10 +56,11 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
             raise ModelError(f"model file not found: {model}")
         data = require_data(model, data, "evaluate it on")
         ds = D.load(data, split, data_dir).subset(limit)
-        logits = onnx_predict(model, ds, batch_size)
-        check_labels(ds, logits.shape[1])
+        part = dist.shard_dataset(ds)
+        logits = onnx_predict(model, part if len(part) else ds.subset(1), batch_size)
+        check_labels(ds, logits.shape[1])   # all of the split's labels, on every rank alike
         return {"model": model, "data": data, "split": split, "n": len(ds),
-                "accuracy": float((logits.argmax(1) == ds.y).mean())}
+                "accuracy": sharded_accuracy(ds, lambda p: logits if p is part else onnx_predict(model, p, batch_size))}
     from .models import load_model
 
     loaded = load_model(model)
@@ -63,14 +70,14 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
     check_input_shape(loaded.input_shape, ds)
     check_labels(ds, model_classes(loaded))
     if plan is None:
-        rep["accuracy"] = accuracy(loaded.module, ds, batch_size)
+        rep["accuracy"] = sharded_accuracy(ds, lambda part: predict(loaded.module, part, batch_size))
         return rep
     qm, p, sim = simulate_plan(loaded, plan, data, data_dir, calib_batches, act_scale, finetune_epochs,
                                rounding=rcfg, progress=progress, log=log)
     if finetune_epochs:
         rep["finetune_epochs"] = finetune_epochs
     rep["rounding"] = rounding_summary(sim)
-    rep["accuracy"] = accuracy(sim.module, ds, batch_size)
+    rep["accuracy"] = sharded_accuracy(ds, lambda part: predict(sim.module, part, batch_size))
     rep["plan"] = str(plan) if not hasattr(plan, "layers") else "<plan>"
     rep.update({k: v for k, v in p.compute_metrics(qm.layer_infos).items() if k in ("avg_w_bits", "avg_a_bits", "size_ratio")})
     return rep
@@ -78,16 +85,27 @@ def evaluate(model: str, data: str | None = None, split: str = "test", data_dir:
 
 def analyze(model: str, data: str | None = None, out: str | None = None, data_dir: str | None = None,
             batch_size: int = 128, batches: int = 1, max_probes: int = 512, tol: float = 0.01, seed: int = 0,
-            scheme: str = "auto", plot: str | None = None, progress: bool = False, split: str = "train") -> dict:
+            scheme: str = "auto", plot: str | None = None, progress: bool = False, split: str = "train",
+            log=None) -> dict | None:
     """Channel-wise Hessian traces and Omega of a model on ``batches`` x ``batch_size`` samples of the
-    ``split`` of ``data`` (None: a zoo model's own dataset)."""
+    ``split`` of ``data`` (None: a zoo model's own dataset).
+
+    ``log(line)``: a line per stage and per tenth of the probes (for runs without a terminal).
+    Under torchrun (:mod:`cwhawq.dist`) the ranks share every batch's samples and sum their estimates;
+    rank 0 writes ``out`` and ``plot`` and returns the sensitivities, the other ranks return None."""
+    import time
+
+    from . import dist
     from .checks import check_labels, check_outputs, data_file, model_classes, model_identity, require_data
     from .evaluate import check_input_shape
     from .graph import qmodel_from_loaded
     from .hessian import analyze as _analyze, parse_scheme, plot_sensitivity
     from .models import load_model
 
-    check_outputs([("--out", out), ("--plot", plot)], [("MODEL", _file(model)), ("--data", data_file(data))])
+    t0 = time.time()
+    say = _HeldLines(log) if log is not None and dist.is_main() else None
+    if dist.is_main():
+        check_outputs([("--out", out), ("--plot", plot)], [("MODEL", _file(model)), ("--data", data_file(data))])
     if scheme != "auto":
         parse_scheme(scheme)
     loaded = load_model(model)
@@ -96,9 +114,12 @@ def analyze(model: str, data: str | None = None, out: str | None = None, data_di
     check_input_shape(loaded.input_shape, ds)
     check_labels(ds, model_classes(loaded))
     qm = qmodel_from_loaded(loaded)
+    if say is not None:
+        say(f"loaded {model} ({len(qm.names)} quantizable layers) and {data}:{split} ({len(ds)} samples) "
+            f"in {time.time() - t0:.1f} s")
     bar = None
     cb = None
-    if progress:
+    if progress and dist.is_main():
         from tqdm import tqdm
 
         bar = tqdm(total=max_probes, desc="hessian probes", unit="probe", leave=False)
@@ -106,12 +127,19 @@ def analyze(model: str, data: str | None = None, out: str | None = None, data_di
         def cb(p, worst):
             bar.update(p - bar.n)
             bar.set_postfix(rel_stderr=f"{worst:.3g}")
+    elif say is not None:
+        def cb(p, worst):
+            say.release()
     try:
         sens = _analyze(qm, ds, batch_size=batch_size, batches=batches, max_probes=max_probes, tol=tol,
-                        seed=seed, scheme=scheme, progress=cb, model_name=model)
+                        seed=seed, scheme=scheme, progress=cb, model_name=model, log=say)
     finally:
         if bar is not None:
             bar.close()
+    if sens is None:   # not rank 0
+        return None
+    if dist.active():
+        sens["processes"] = dist.world()
     sha = model_identity(loaded)[1]
     sens = {**{k: v for k, v in sens.items() if k != "layers"}, "model_sha256": sha, "split": split,
             "layers": sens["layers"]}
@@ -121,7 +149,32 @@ def analyze(model: str, data: str | None = None, out: str | None = None, data_di
         write_json(out, sens, indent=None)
     if plot:
         plot_sensitivity(sens, plot)
+    if say is not None and (out or plot):
+        say(f"wrote {', '.join(str(p) for p in (out, plot) if p)}")
     return sens
+
+
+class _HeldLines:
+    """Progress lines that are held back until the first probe (or class pass of ``exact``) is done, so
+    that input the first products reject (an operator without a second derivative, NaN data) ends in
+    the error line alone; from then on every line goes out as it comes."""
+
+    def __init__(self, log):
+        self.log, self.held = log, []
+
+    def release(self):
+        if self.held is not None:
+            for line in self.held:
+                self.log(line)
+            self.held = None
+
+    def __call__(self, line: str):
+        if self.held is not None and line.startswith(("  exact:", "  traces:", "sensitivities")):
+            self.release()   # work has been done: what came before it is worth showing
+        if self.held is None:
+            self.log(line)
+        else:
+            self.held.append(line)
 
 
 def _latency_table(t):
@@ -211,6 +264,10 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
     final plan's weight rounding, measured on the validation subset after the search
     (``plan.meta["search"]["rounding"]``); every episode's reward uses nearest rounding.
 
+    Under torchrun (:mod:`cwhawq.dist`) every episode's plan is measured on the ranks' shares of the
+    validation subset (the agent acts on rank 0); rank 0 writes the files. A latency table is then given
+    as ``latency_table`` (``target`` measures on one process only).
+
     ``options``: ``enforce``, ``action_margin``, agent hyperparameters (warmup, hidden, lr_actor, lr_critic,
     tau, discount, batch_size, buffer_size, sigma, sigma_decay, sigma_min, init_action, baseline_alpha,
     updates_per_step, greedy_every), ``latency`` (a latency cost model) and ``on_episode`` (callback per
@@ -222,18 +279,25 @@ def search(model: str, data: str | None = None, sens=None, budget: str = "size:0
     from .search import search as _search
     from .simulate import rounding_config
 
+    from . import dist
     from .checks import check_outputs, data_file, load_sensitivity, require_data
     from .errors import CwhawqError
 
-    echo = echo or (lambda m: None)
+    echo = echo if echo is not None and dist.is_main() else (lambda m: None)
+    progress = progress and dist.is_main()
+    if dist.active() and target is not None:
+        raise CwhawqError(f"--target measures latencies in one process: build the table first (cwhawq latency-table "
+                          f"MODEL --target {target} --out T.json) and give --latency-table T.json to the "
+                          f"{dist.world()}-process search")
     out_p = Path(out) if out else None
-    check_outputs([("--out", out), ("--log", log or (out_p.with_suffix(".jsonl") if out_p else None)),
-                   ("--checkpoint", checkpoint or (out_p.with_suffix(".ckpt") if out_p else None)),
-                   ("the latency table", out_p.with_suffix(".latency.json")
-                    if out_p and target is not None and latency_table is None else None)],
-                  [("MODEL", _file(model)), ("--data", data_file(data)),
-                   ("--sens", sens if isinstance(sens, (str, Path)) else None),
-                   ("--latency-table", latency_table if isinstance(latency_table, (str, Path)) else None)])
+    if dist.is_main():
+        check_outputs([("--out", out), ("--log", log or (out_p.with_suffix(".jsonl") if out_p else None)),
+                       ("--checkpoint", checkpoint or (out_p.with_suffix(".ckpt") if out_p else None)),
+                       ("the latency table", out_p.with_suffix(".latency.json")
+                        if out_p and target is not None and latency_table is None else None)],
+                      [("MODEL", _file(model)), ("--data", data_file(data)),
+                       ("--sens", sens if isinstance(sens, (str, Path)) else None),
+                       ("--latency-table", latency_table if isinstance(latency_table, (str, Path)) else None)])
     remote = parse_rpc(rpc, key)
     rcfg = rounding_config(rounding, rounding_iters, rounding_seed)
     bud = parse_budget(budget)

@@ -2,6 +2,10 @@
 
 Errors caused by input (CwhawqError) print one line on stderr and exit with code 2; ``--debug``
 shows the traceback instead.
+
+Under torchrun (``torchrun --nproc-per-node N -m cwhawq analyze|eval|search ...``, docs/scale-out.md)
+the process group is joined before the command runs; only rank 0 prints results and progress, and
+the other ranks' errors carry their rank.
 """
 from __future__ import annotations
 
@@ -17,10 +21,22 @@ from .baselines import PLANNERS
 from .errors import CwhawqError
 
 _DEBUG = {"on": False}
+# the commands torchrun may run on several processes (cwhawq.dist)
+DISTRIBUTED_COMMANDS = ("analyze", "eval", "search")
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise), without importing torch."""
+    if "cwhawq.dist" not in sys.modules:
+        return 0
+    return sys.modules["cwhawq.dist"].rank()
 
 
 def _fail(msg: str, code: int = 2):
-    click.echo(f"error: {msg}", err=True)
+    r = _rank()
+    if r and msg.startswith(f"rank {r}: "):
+        msg = msg[len(f"rank {r}: "):]
+    click.echo(f"{f'rank {r}: ' if r else ''}error: {msg}", err=True)
     sys.exit(code)
 
 
@@ -68,20 +84,48 @@ class _Group(click.Group):
 
 
 def emit(obj: dict, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(obj) if as_json else text)
+    if _rank() == 0:
+        click.echo(json.dumps(obj) if as_json else text)
+
+
+def _threads(n: int | None) -> None:
+    """--threads: torch's intra-op threads for this process (default: torch's own choice)."""
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+threads_option = click.option("--threads", "threads", default=None, type=click.IntRange(1),
+                              help="Torch threads of this process (with torchrun: of each process).")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cwhawq")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def cli(debug):
+@click.pass_context
+def cli(ctx, debug):
     """cwhawq: channel-wise mixed-precision quantization (CW-HAWQ).
 
     Pipeline: analyze (Hessian sensitivity) -> plan / search (bit plans) -> eval -> export (ONNX)
     -> compile (TVM) -> bench. MODEL is zoo:NAME or a torch.export .pt2 archive; DATA is
     fashion-mnist, a directory of IDX files, or an .npz file.
+
+    Data-parallel on several processes or machines: torchrun --nproc-per-node N -m cwhawq
+    analyze|eval|search ... (docs/scale-out.md).
     """
     _DEBUG["on"] = debug
+    from . import dist
+
+    if dist.launched() and ctx.invoked_subcommand is not None:
+        if ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
+            _fail(f"cwhawq {ctx.invoked_subcommand} runs in one process; torchrun runs "
+                  f"{', '.join(DISTRIBUTED_COMMANDS)}")
+        try:
+            dist.init()
+        except CwhawqError as e:
+            _fail(str(e).splitlines()[0], e.exit_code)
+        ctx.call_on_close(dist.finish)
 
 
 data_option = click.option("--data", "data_spec", default=None,
@@ -145,15 +189,18 @@ def _log_err(m):
 @click.option("--finetune-epochs", default=0, show_default=True, type=click.IntRange(0),
               help="Quantization-aware fine-tuning epochs (STE) with the plan fixed.")
 @_rounding_options("(with --plan)")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handled
 def eval_cmd(model, data_spec, data_dir, split, batch_size, limit, plan_path, calib_batches, act_scale,
-             finetune_epochs, rounding, rounding_iters, rounding_seed, as_json):
+             finetune_epochs, rounding, rounding_iters, rounding_seed, threads, as_json):
     """Accuracy of MODEL (zoo:NAME, .pt2 or .onnx) on a split of DATA, optionally under a bit plan.
 
-    A .pt2 (or an .onnx not exported from a zoo model) needs --data."""
+    A .pt2 (or an .onnx not exported from a zoo model) needs --data. Under torchrun each process
+    evaluates its share of the split."""
     from . import api
 
+    _threads(threads)
     t0 = time.time()
     rep = api.evaluate(model, data_spec, split=split, data_dir=data_dir, batch_size=batch_size, limit=limit,
                        plan=plan_path, calib_batches=calib_batches, act_scale=act_scale,
@@ -220,20 +267,29 @@ def run_cmd(artifact, inputs, out, as_json):
               help="Stop when every layer trace's standard error is below tol x |trace|.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--scheme", default="auto", show_default=True,
-              help="Probing scheme: auto, exact, ggn, layer, network, interleave:K, channel (docs/hessian.md).")
+              help="Probing scheme: auto (piecewise-linear nets: exact or ggn, whichever needs fewer backward "
+                   "passes; else layer), exact, ggn, layer, network, interleave:K, channel (docs/hessian.md).")
 @click.option("--plot", default=None, help="Write a plot of the per-layer channel-trace distributions.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handled
 def analyze_cmd(model, data_spec, data_dir, split, out, batch_size, batches, max_probes, tol, seed, scheme, plot,
-                as_json):
+                threads, as_json):
     """Channel-wise Hessian traces and trace-weighted sensitivities (Omega) of MODEL on BATCHES x BATCH_SIZE
-    samples of a split of DATA (a .pt2 needs --data)."""
+    samples of a split of DATA (a .pt2 needs --data).
+
+    Without a terminal, a line per stage and per tenth of the probes goes to stderr. Under torchrun
+    each process takes its share of every batch's samples."""
     from . import api
 
+    _threads(threads)
+    tty = sys.stderr.isatty()
     sens = api.analyze(model, data_spec, out=out, data_dir=data_dir, split=split, batch_size=batch_size,
                        batches=batches,
                        max_probes=max_probes, tol=tol, seed=seed, scheme=scheme, plot=plot,
-                       progress=not as_json and sys.stderr.isatty())
+                       progress=not as_json and tty, log=None if as_json or tty else _log_err)
+    if sens is None:   # a rank other than 0 under torchrun: rank 0 reports
+        return
     summary = {k: sens[k] for k in ("model", "scheme", "probes", "hvps", "converged", "worst_rel_stderr", "loss",
                                     "seconds")}
     summary["layers"] = len(sens["layers"])
@@ -452,16 +508,21 @@ def demo_cmd(out_dir, model, data_spec, data_dir, budget, episodes, quick, no_co
               help="Seconds allowed for each remote measurement step.")
 @_rounding_options("of the final plan, measured on the validation subset after the search (every episode's "
                    "reward uses nearest rounding)")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @handled
 def search_cmd(model, data_spec, data_dir, sens, budget, episodes, out, seed, resume, bits, a_bits, log, checkpoint,
                checkpoint_every, val_samples, reward, finetune_steps, enforce, action_margin, warmup, hidden,
                lr_actor, lr_critic, tau, discount, batch_size, buffer_size, sigma, sigma_decay, baseline_alpha,
                greedy_every, target, rpc, key, latency_table, latency_batch, latency_grid, cache_dir, latency_weight,
-               no_measure, timeout, rounding, rounding_iters, rounding_seed,
+               no_measure, timeout, rounding, rounding_iters, rounding_seed, threads,
                as_json):
-    """DDPG search of a channel-wise mixed-precision plan for MODEL under --budget (docs/search.md)."""
+    """DDPG search of a channel-wise mixed-precision plan for MODEL under --budget (docs/search.md).
+
+    Under torchrun each process measures every episode's plan on its share of the validation subset."""
     from . import api
+
+    _threads(threads)
 
     plan = api.search(model, data_spec, sens=sens, budget=budget, episodes=episodes, out=out, seed=seed,
                       resume=resume, bits=bits, a_bits=a_bits, data_dir=data_dir, log=log, checkpoint=checkpoint,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import dist
 from .data import Dataset
 from .errors import DataError, ModelError
 
@@ -29,6 +30,16 @@ def predict(model: torch.nn.Module, ds: Dataset, batch_size: int = 500) -> np.nd
 def accuracy(model: torch.nn.Module, ds: Dataset, batch_size: int = 500) -> float:
     logits = predict(model, ds, batch_size)
     return float((logits.argmax(1) == ds.y).mean())
+
+
+def sharded_accuracy(ds: Dataset, predict_fn) -> float:
+    """Accuracy over ``ds`` where every torchrun rank (:mod:`cwhawq.dist`) predicts its contiguous share
+    (``predict_fn(share) -> logits``) and the correct counts are summed: the same number as one process
+    (which predicts all of ``ds``) gives."""
+    part = dist.shard_dataset(ds)
+    correct = int((predict_fn(part).argmax(1) == part.y).sum()) if len(part) else 0
+    total = float(dist.all_sum([correct])[0])
+    return float(total / len(ds)) if len(ds) else float("nan")
 
 
 def onnx_predict(path: str, ds: Dataset, batch_size: int = 500, optimize: bool = True) -> np.ndarray:

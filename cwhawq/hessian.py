@@ -44,14 +44,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import dist
 from . import quantizers as Q
 from .data import Dataset
 from .errors import CwhawqError, DataError, ModelError
 from .graph import QModel
 
 SCHEMES = ("exact", "ggn", "network", "layer", "interleave", "channel")
-DEFAULT_SCHEME = "auto"   # exact where the network is piecewise linear, else layer
+DEFAULT_SCHEME = "auto"   # piecewise linear: exact or ggn, whichever costs fewer backward passes; else layer
 MIN_PROBES = 8
+# per-probe relative standard deviation of the worst layer's ggn trace that ``auto`` assumes when it
+# prices ggn: the low end of what was measured (0.09 on ResNet-18 at 224 with 1000 classes and 16
+# images; 0.2 on lenet-fmnist, 0.6 on resnet20-fmnist with 10 classes; docs/hessian.md), so that
+# ggn is chosen only where exact would need more backward passes than ggn does at its best
+GGN_PROBE_REL_SD = 0.1
 
 
 # ops through which a network stays piecewise linear in every layer's weights and inputs
@@ -85,11 +91,30 @@ def non_piecewise_linear_ops(qm: QModel) -> list[str]:
     return sorted(set(bad))
 
 
-def resolve_scheme(s: str, qm: QModel) -> str:
-    """``auto`` -> ``exact`` for piecewise-linear networks, ``layer`` otherwise."""
-    if s == "auto":
-        return "exact" if not non_piecewise_linear_ops(qm) else "layer"
-    return s
+def num_classes(qm: QModel) -> int:
+    """Width of the model's output (the classes), from the exported graph."""
+    for node in qm.gm.graph.nodes:
+        if node.op == "output":
+            out = node.args[0]
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            val = getattr(out, "meta", {}).get("val")
+            if val is not None and hasattr(val, "shape"):
+                return int(val.shape[-1])
+    return int(qm.layer_infos[-1].out_channels)
+
+
+def resolve_scheme(s: str, qm: QModel, tol: float = 0.01, max_probes: int = 512) -> str:
+    """``auto``: for a piecewise-linear network the cheaper of ``exact`` (one backward pass per class
+    and batch) and ``ggn`` (one backward pass per probe and batch, probes expected to reach ``tol``:
+    (GGN_PROBE_REL_SD / tol)^2, at least MIN_PROBES, at most ``max_probes``); ``layer`` otherwise.
+    A backward pass costs the same in both (it scales with the parameters, MACs and batch), so the
+    rule compares the number of passes; exact wins ties (it has no error)."""
+    if s != "auto":
+        return s
+    if non_piecewise_linear_ops(qm):
+        return "layer"
+    probes = max_probes if tol <= 0 else min(max_probes, max(MIN_PROBES, math.ceil((GGN_PROBE_REL_SD / tol) ** 2)))
+    return "exact" if num_classes(qm) <= probes else "ggn"
 
 
 def parse_scheme(s: str) -> tuple[str, int]:
@@ -166,8 +191,11 @@ class _Block:
 class _BatchGraph:
     """First-order graph of one batch: loss, leaves (weights + activation probes) and their grads."""
 
-    def __init__(self, qm: QModel, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, qm: QModel, x: torch.Tensor, y: torch.Tensor, n_total: int | None = None):
+        """``n_total``: the samples of the whole batch when ``x`` is one rank's share of it (the loss is
+        the sum over these samples over ``n_total``, so that the ranks' Hessians add up to the batch's)."""
         self.qm = qm
+        self.n_total = int(n_total if n_total is not None else x.shape[0])
         eps: dict[str, torch.Tensor] = {}
         acts: dict[str, torch.Tensor] = {}
 
@@ -193,7 +221,7 @@ class _BatchGraph:
         self.out = out
         self.layer_outputs = [outs[n] for n in qm.names]
         self.layer_modules = [qm.layer(n) for n in qm.names]
-        self.loss = F.cross_entropy(out, y)
+        self.loss = F.cross_entropy(out, y, reduction="sum") / self.n_total
         if not torch.isfinite(self.loss):
             raise CwhawqError("loss is NaN or inf on the analysis batch")
         names = qm.names
@@ -221,46 +249,69 @@ class _BatchGraph:
                 raise
             raise err from None
 
+    def _probs(self) -> torch.Tensor:
+        return torch.softmax(self.out.detach().double(), dim=1)
+
     def a_half(self) -> torch.Tensor:
-        """(A/N)^(1/2) per sample [N, C, C]."""
+        """A factor B of A/N per sample [N, C, C] (B B^T = A_n / N): B = (I - p 1^T) diag(sqrt p) / sqrt N,
+        since (I - p 1^T) diag(p) (I - 1 p^T) = diag(p) - p p^T when the p sum to 1 (no eigendecomposition)."""
         if self._a_half is None:
             with torch.no_grad():
-                p = torch.softmax(self.out.detach().double(), dim=1)
-                a = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
-                evals, evecs = torch.linalg.eigh(a)
-                half = evecs * evals.clamp(min=0).sqrt().unsqueeze(1)
-                self._a_half = (half @ evecs.transpose(1, 2) / math.sqrt(p.shape[0])).float()
+                p = self._probs()
+                sq = p.sqrt()
+                half = torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)
+                self._a_half = (half / math.sqrt(self.n_total)).float()
         return self._a_half
 
-    def exact(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def b_times(self, r: torch.Tensor) -> torch.Tensor:
+        """B r per sample for r [N, C], in O(N C): (sqrt(p) * r - p <sqrt(p), r>) / sqrt N."""
+        with torch.no_grad():
+            p = self._probs()
+            sq = p.sqrt()
+            g = sq * r.double() - p * (sq * r.double()).sum(1, keepdim=True)
+            return (g / math.sqrt(self.n_total)).float()
+
+    def _gn_squares(self, gout: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per-channel squares of the per-sample gradients of <out, gout> (weights, activations)."""
+        L = len(self.weights)
+        gouts = torch.autograd.grad(self.out, self.eps + self.layer_outputs, grad_outputs=gout, retain_graph=True)
+        with torch.no_grad():
+            atr = [_channel_sums(gouts[i] ** 2, "activation") for i in range(L)]
+            wtr = [_per_sample_weight_sq(self.layer_modules[i], self.acts[i], gouts[L + i]) for i in range(L)]
+        return wtr, atr
+
+    def exact(self, tick=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Exact per-channel traces of the GGN diagonal blocks (weights, activations).
 
         One backward pass per class k with output gradient column k of (A/N)^(1/2): the activation
         gradients are per sample (their squares sum to the activation traces) and the per-sample weight
         gradients come from the layer's output gradient and its unfolded input (the squares of those,
-        summed over samples and classes, are the weight traces).
+        summed over samples and classes, are the weight traces). ``tick(k, classes)`` after each class.
         """
         L = len(self.weights)
         half = self.a_half()
         wtr = [np.zeros(w.shape[0]) for w in self.weights]
         atr = [np.zeros(e.shape[1]) for e in self.eps]
         for k in range(half.shape[2]):
-            gouts = torch.autograd.grad(self.out, self.eps + self.layer_outputs, grad_outputs=half[:, :, k],
-                                        retain_graph=True)
-            with torch.no_grad():
-                for i in range(L):
-                    atr[i] += _channel_sums(gouts[i] ** 2, "activation")
-                    wtr[i] += _per_sample_weight_sq(self.layer_modules[i], self.acts[i], gouts[L + i])
+            w_k, a_k = self._gn_squares(half[:, :, k])
+            for i in range(L):
+                atr[i] += a_k[i]
+                wtr[i] += w_k[i]
+            if tick is not None:
+                tick(k + 1, half.shape[2])
         return wtr, atr
 
-    def ggn_probe(self, r: torch.Tensor) -> list[torch.Tensor]:
-        """J^T (A/N)^(1/2) r for an output-space probe r [N, classes]: one backward pass.
+    def ggn_probe(self, r: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per-channel GGN trace estimates (weights, activations) from an output-space probe r [N, classes]:
+        one backward pass.
 
         A_n = diag(p_n) - p_n p_n^T is the Hessian of the cross-entropy w.r.t. sample n's logits; the
-        loss is a mean over N samples, hence A/N. E_r[(J^T B r)_c^2] = Tr_c(J^T B B^T J) = Tr_c(GGN).
+        loss is a mean over N samples, hence A/N, with a factor B B^T = A/N. For each sample n,
+        E_r[||(J_n^T B r)_c||^2] = Tr_c(J_n^T B B^T J_n); summed over samples that is Tr_c(GGN). The squares
+        are taken per sample (the weights' per-sample gradients from the layer's output gradient and input,
+        as in :meth:`exact`), so no cross-sample products add variance.
         """
-        g = torch.bmm(self.a_half(), r.unsqueeze(2)).squeeze(2)
-        return torch.autograd.grad(self.out, self.leaves, grad_outputs=g, retain_graph=True)
+        return self._gn_squares(self.b_times(r))
 
 
 def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor) -> np.ndarray:
@@ -271,12 +322,32 @@ def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor) -> np.ndarray
             raise CwhawqError(f"layer {q.layer_name}: exact traces need a 2-D Linear input")
         return ((delta.double() ** 2).t() @ (x.double() ** 2).sum(1)).numpy()
     kh, kw = q.weight.shape[2:]
-    u = F.unfold(x, (kh, kw), dilation=q.dilation, padding=q.padding, stride=q.stride)  # N, Cin*kk, P
     g = q.groups
-    d = delta.reshape(n, g, delta.shape[1] // g, -1)                                   # N, g, Co/g, P
-    u = u.reshape(n, g, u.shape[1] // g, -1)                                           # N, g, Ci/g*kk, P
-    grads = torch.einsum("ngop,ngip->ngoi", d, u)                                      # per-sample grads
-    return (grads.double() ** 2).sum(dim=(0, 3)).reshape(-1).numpy()
+    co, ci = q.weight.shape[0] // g, q.weight.shape[1] * kh * kw     # per group: outputs, inputs x kernel
+    p_out = delta[0, 0].numel()                                      # output positions P
+    # ||dL_n/dW_o||^2 = ||D_o U^T||^2 (D: output gradient [o, P], U: unfolded input [i, P]) either from the
+    # per-sample gradients (o i P multiply-adds) or as D_o G D_o^T with the Gram matrix G = U^T U of the
+    # positions (i P^2 + o P^2): the latter where positions are few (the deep layers of a CNN)
+    gram = ci * p_out * p_out + co * p_out * p_out < co * ci * p_out
+    # samples in chunks, so that the per-sample tensors stay under ~2^24 elements
+    size = g * (p_out * p_out if gram else co * ci)
+    step = max(1, (1 << 24) // max(1, size))
+    total = torch.zeros(g * co, dtype=torch.float64)
+    for s in range(0, n, step):
+        xs, ds = x[s:s + step], delta[s:s + step]
+        m = xs.shape[0]
+        u = F.unfold(xs, (kh, kw), dilation=q.dilation, padding=q.padding, stride=q.stride)  # m, Cin*kk, P
+        d = ds.reshape(m, g, co, -1)                                                         # m, g, Co/g, P
+        u = u.reshape(m, g, ci, -1)                                                          # m, g, Ci/g*kk, P
+        if gram:
+            d, u = d.double(), u.double()
+            G = torch.einsum("ngip,ngiq->ngpq", u, u)                                        # m, g, P, P
+            part = (torch.einsum("ngop,ngpq->ngoq", d, G) * d).sum(dim=(0, 3))
+        else:
+            grads = torch.einsum("ngop,ngip->ngoi", d, u)                                    # per-sample grads
+            part = (grads * grads).sum(dim=(0, 3), dtype=torch.float64)
+        total += part.reshape(-1)
+    return total.numpy()
 
 
 def _channel_sums(t: torch.Tensor, kind: str) -> np.ndarray:
@@ -307,17 +378,35 @@ class TraceResult:
 
 def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]], scheme: str = DEFAULT_SCHEME,
                    max_probes: int = 512, tol: float = 0.01, seed: int = 0, min_probes: int = MIN_PROBES,
-                   progress=None, time_limit: float | None = None) -> TraceResult:
-    """Per-channel Hutchinson traces of weights and input activations of every quantized layer."""
+                   progress=None, time_limit: float | None = None, log=None) -> TraceResult:
+    """Per-channel Hutchinson traces of weights and input activations of every quantized layer.
+
+    Under torchrun (:mod:`cwhawq.dist`) every batch is split into the ranks' contiguous shares of its
+    samples; each rank draws every probe at the whole batch's shape (the same generator on every
+    rank) and keeps its rows, so that the ranks' estimates add up, per probe, to one process's on the
+    whole batch; the per-probe estimates are summed across ranks before the running mean, variance
+    and stopping rule (decided on rank 0 and broadcast). ``log(line)``: a line when the first-order
+    graphs are built, at every tenth of ``max_probes`` (every tenth of the classes of ``exact``) and at
+    the end."""
     if not batches:
         raise DataError("no data to analyze (empty dataset)")
-    scheme = resolve_scheme(scheme, qm)
+    scheme = resolve_scheme(scheme, qm, tol, max_probes)
     name, k = parse_scheme(scheme)
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)
     qm.reset()
+    if name in ("ggn", "exact"):
+        bad = non_piecewise_linear_ops(qm)
+        if bad:
+            raise CwhawqError(f"scheme {name} needs a piecewise-linear network (there the generalised Gauss-Newton "
+                              f"diagonal blocks equal the Hessian's); this one has {', '.join(bad[:3])}: "
+                              f"use --scheme layer")
+    # this rank's share of every batch: (rows lo:hi of the batch, batch size); None where it has no rows
+    shares = [(dist.shard_range(len(x)), len(x)) for x, _ in batches]
     with torch.enable_grad():
-        graphs = [_BatchGraph(qm, x, y) for x, y in batches]
+        graphs = [_BatchGraph(qm, x[lo:hi], y[lo:hi], n_total=n) if hi > lo else None
+                  for (x, y), ((lo, hi), n) in zip(batches, shares)]
+    nb = len(graphs)
     names = qm.names
     L = len(names)
     blocks = [_Block(n, "weight", i) for i, n in enumerate(names)] + \
@@ -333,58 +422,93 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
         groups = [ordered[j::kk] for j in range(kk)]
     else:
         groups = None  # channel, ggn
-    if name in ("ggn", "exact"):
-        bad = non_piecewise_linear_ops(qm)
-        if bad:
-            raise CwhawqError(f"scheme {name} needs a piecewise-linear network (there the generalised Gauss-Newton "
-                              f"diagonal blocks equal the Hessian's); this one has {', '.join(bad[:3])}: "
-                              f"use --scheme layer")
-    shapes = {}
+    # the leaves' shapes at the whole batch (activation probes are drawn at it, then cut to the share)
+    in_shapes = {n: tuple(a.shape[1:]) for n, a in _capture_inputs(qm, [(batches[0][0][:1], None)]).items()}
+    w_shapes = [tuple(qm.layer(n).weight.shape) for n in names]
+
+    def full_shape(b: _Block, n_batch: int) -> tuple:
+        return w_shapes[b.index] if b.kind == "weight" else (n_batch,) + in_shapes[b.layer]
+
+    def draw(b: _Block, bi: int) -> torch.Tensor | None:
+        """A probe over block b of batch bi at the whole batch's shape; this rank's rows of it (None: no rows)."""
+        (lo, hi), n_batch = shares[bi]
+        v = _rademacher(full_shape(b, n_batch), gen)
+        if b.kind == "activation":
+            v = v[lo:hi]
+        return v if hi > lo else None
+
+    shapes = {b.index: (w_shapes[b.index][0] if b.kind == "weight" else in_shapes[b.layer][0]) for b in blocks}
+    offsets, off = {}, 0
     for b in blocks:
-        leaf = graphs[0].leaves[b.index]
-        shapes[b.index] = leaf.shape[0] if b.kind == "weight" else leaf.shape[1]
+        offsets[b.index] = off
+        off += shapes[b.index]
     acc = {b.index: _Welford(shapes[b.index]) for b in blocks}
     acc_sum = {b.index: _Welford(()) for b in blocks}   # per-probe layer traces (sums over channels)
     hvps = 0
     converged = False
     worst = math.inf
     probes = 0
+    every = max(1, max_probes // 10)
+    if log is not None:
+        log(f"  first-order graphs of {nb} batch{'es' if nb > 1 else ''} built in {time.time() - t0:.1f} s "
+            f"({scheme}; this process: {sum(hi - lo for (lo, hi), _ in shares)} samples"
+            + (f", rank {dist.rank()} of {dist.world()}" if dist.active() else "") + ")")
+    n_classes = num_classes(qm)
     with torch.enable_grad():
         for p in range(max_probes):
             est = {b.index: np.zeros(shapes[b.index]) for b in blocks}
-            for g in graphs:
+            for bi, g in enumerate(graphs):
                 if name == "exact":
-                    wtr, atr = g.exact()
-                    hvps += g.out.shape[1]
+                    hvps += n_classes
+                    if g is None:
+                        continue
+                    tick = None
+                    if log is not None and n_classes * nb >= 100:   # long enough to be worth the lines
+                        step = max(1, n_classes // 10)
+
+                        def tick(kc, kt, bi=bi):
+                            if kc % step == 0 and kc < kt:
+                                log(f"  exact: batch {bi + 1}/{nb}, class {kc}/{kt} ({time.time() - t0:.1f} s)")
+                    wtr, atr = g.exact(tick)
                     for b in blocks:
-                        est[b.index] += (wtr[b.index] if b.kind == "weight" else atr[b.index - L]) / len(graphs)
+                        est[b.index] += (wtr[b.index] if b.kind == "weight" else atr[b.index - L]) / nb
                 elif name == "ggn":
-                    r = _rademacher(g.out.shape, gen)
-                    gl = g.ggn_probe(r)
+                    (lo, hi), n_batch = shares[bi]
+                    r = _rademacher((n_batch, n_classes), gen)[lo:hi]
                     hvps += 1
+                    if g is None:
+                        continue
+                    wtr, atr = g.ggn_probe(r)
                     for b in blocks:
-                        est[b.index] += _channel_sums(gl[b.index] ** 2, b.kind) / len(graphs)
+                        est[b.index] += (wtr[b.index] if b.kind == "weight" else atr[b.index - L]) / nb
                 elif groups is not None:
                     for grp in groups:
-                        idx = [b.index for b in grp]
-                        vs = [_rademacher(g.leaves[i].shape, gen) for i in idx]
-                        hv = g.hvp(idx, vs)
+                        vs = [draw(b, bi) for b in grp]
                         hvps += 1
+                        if g is None:
+                            continue
+                        idx = [b.index for b in grp]
+                        hv = g.hvp(idx, vs)
                         for b, v, h in zip(grp, vs, hv):
-                            est[b.index] += _channel_sums(v * h, b.kind) / len(graphs)
+                            est[b.index] += _channel_sums(v * h, b.kind) / nb
                 else:
                     for b in blocks:
-                        leaf = g.leaves[b.index]
-                        v_full = _rademacher(leaf.shape, gen)
+                        v_full = draw(b, bi)
                         for c in range(shapes[b.index]):
+                            hvps += 1
+                            if g is None:
+                                continue
                             v = torch.zeros_like(v_full)
                             if b.kind == "weight":
                                 v[c] = v_full[c]
                             else:
                                 v[:, c] = v_full[:, c]
                             h = g.hvp([b.index], [v])[0]
-                            hvps += 1
-                            est[b.index][c] += float((v * h).sum()) / len(graphs)
+                            est[b.index][c] += float((v * h).sum()) / nb
+            if dist.active():   # the ranks' shares add up to the batch's estimate
+                flat = dist.all_sum(np.concatenate([est[b.index] for b in blocks]))
+                for b in blocks:
+                    est[b.index] = flat[offsets[b.index]:offsets[b.index] + shapes[b.index]]
             for i, e in est.items():
                 acc[i].add(e)
                 acc_sum[i].add(e.sum())
@@ -393,18 +517,27 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
             worst = max(float(acc_sum[i].stderr) / max(abs(float(acc_sum[i].mean)), 1e-30) for i in acc_sum)
             if progress is not None:
                 progress(probes, worst)
-            if (probes >= min_probes and worst < tol) or name == "exact":
-                converged = True
+            if log is not None and name != "exact" and (probes % every == 0 or probes == max_probes):
+                log(f"  probe {probes}/{max_probes}: worst layer rel. stderr {worst:.3g} (tol {tol:g}), "
+                    f"{time.time() - t0:.1f} s")
+            stop = 1 if (probes >= min_probes and worst < tol) or name == "exact" else 0
+            if not stop and time_limit is not None and time.time() - t0 > time_limit:
+                stop = 2
+            stop = dist.broadcast(stop)   # rank 0 decides: every rank runs the same probes
+            if stop:
+                converged = stop == 1
                 break
-            if time_limit is not None and time.time() - t0 > time_limit:
-                break
+    loss = float(dist.all_sum(sum(g.loss.item() for g in graphs if g is not None))) / nb
     res = TraceResult(names,
                       {n: acc[i].mean.copy() for i, n in enumerate(names)},
                       {n: acc[i].stderr.copy() for i, n in enumerate(names)},
                       {n: acc[L + i].mean.copy() for i, n in enumerate(names)},
                       {n: acc[L + i].stderr.copy() for i, n in enumerate(names)},
-                      probes, hvps, float(np.mean([g.loss.item() for g in graphs])), time.time() - t0,
-                      converged, float(worst))
+                      probes, hvps, loss, time.time() - t0, converged, float(worst))
+    if log is not None:
+        log(f"  traces: {probes} probe{'s' if probes > 1 else ''}, {hvps} products, "
+            f"{'converged' if converged else 'not converged'} (worst layer rel. stderr {worst:.3g}), "
+            f"{res.seconds:.1f} s")
     for n in names:
         for d in (res.weight_trace, res.weight_stderr, res.act_trace, res.act_stderr):
             if not np.isfinite(d[n]).all():
@@ -455,8 +588,12 @@ def sensitivities(qm: QModel, tr: TraceResult, acts: dict[str, torch.Tensor], bi
 
 def analyze(qm: QModel, data: Dataset, batch_size: int = 128, batches: int = 1, max_probes: int = 512,
             tol: float = 0.01, seed: int = 0, scheme: str = DEFAULT_SCHEME, bit_choices=Q.BIT_CHOICES,
-            progress=None, model_name: str | None = None) -> dict:
-    """The whole analysis: traces from ``batches`` batches of ``data`` and Omega per channel (JSON dict)."""
+            progress=None, model_name: str | None = None, log=None) -> dict | None:
+    """The whole analysis: traces from ``batches`` batches of ``data`` and Omega per channel (JSON dict).
+
+    Under torchrun the traces are computed on the ranks' shares of every batch and summed
+    (:func:`channel_traces`); the sensitivities (one forward pass over the samples) are computed on
+    rank 0, and every other rank returns None. ``log(line)``: progress lines (see :func:`channel_traces`)."""
     if len(data) == 0:
         raise DataError("empty dataset")
     t0 = time.time()
@@ -464,8 +601,23 @@ def analyze(qm: QModel, data: Dataset, batch_size: int = 128, batches: int = 1, 
     sub = data.subset(n, seed=seed)
     bl = [(torch.from_numpy(sub.x[i:i + batch_size]), torch.from_numpy(sub.y[i:i + batch_size]))
           for i in range(0, n, batch_size)]
-    scheme = resolve_scheme(scheme, qm)
-    tr = channel_traces(qm, bl, scheme=scheme, max_probes=max_probes, tol=tol, seed=seed, progress=progress)
+    asked = scheme
+    scheme = resolve_scheme(scheme, qm, tol, max_probes)
+    if log is not None:
+        why = ""
+        if asked == "auto":
+            why = (" (auto: not piecewise linear)" if scheme == "layer" else
+                   f" (auto: {num_classes(qm)} classes, i.e. backward passes per batch for exact, against the "
+                   f"ggn probes expected to reach tol {tol:g})")
+        log(f"traces of {len(qm.names)} layers on {n} samples in {len(bl)} batch{'es' if len(bl) > 1 else ''} "
+            f"(batch size {batch_size}): scheme {scheme}{why}"
+            + (f"; {dist.world()} processes, each on its share of every batch" if dist.active() else ""))
+    tr = channel_traces(qm, bl, scheme=scheme, max_probes=max_probes, tol=tol, seed=seed, progress=progress,
+                        log=log)
+    if not dist.is_main():
+        return None
+    if log is not None:
+        log("sensitivities (Omega per channel and bit-width)")
     acts = _capture_inputs(qm, bl)
     layers = sensitivities(qm, tr, acts, bit_choices)
     return {"format": "cwhawq-sensitivity", "version": 1, "model": model_name, "data": data.name,

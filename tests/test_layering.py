@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1] / "cwhawq"
 # bottom (0) to top; a name covers the module or package of that name and everything under it, the
 # longest name wins (``cwhawq.zoo.train`` is the training script, above everything it trains with)
 LAYERS: list[tuple[str, ...]] = [
-    ("cwhawq", "cwhawq.errors", "cwhawq.io", "cwhawq.quantizers", "cwhawq.onnx_graph", "cwhawq.kernels",
-     "cwhawq.zoo"),                                                        # 0 foundations, kernels, zoo nets
+    ("cwhawq", "cwhawq.errors", "cwhawq.io", "cwhawq.dist", "cwhawq.quantizers", "cwhawq.onnx_graph",
+     "cwhawq.kernels", "cwhawq.zoo"),                                      # 0 foundations, kernels, zoo nets
     ("cwhawq.data", "cwhawq.models", "cwhawq.plan"),                      # 1 data, model specs, the plan
     ("cwhawq.graph", "cwhawq.evaluate", "cwhawq.onnx_plan"),              # 2 layers of a model; accuracy
     ("cwhawq.hessian", "cwhawq.quantize", "cwhawq.rounding"),             # 3 sensitivity; simulation; learned rounding
@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cwhawq.latency",),                                                  # 8 latency tables
     ("cwhawq.api",),                                                      # 9 the Python API
     ("cwhawq.demo",),                                                     # 10 the whole pipeline
-    ("cwhawq.cli", "cwhawq.zoo.train"),                                   # 11 commands, scripts
+    ("cwhawq.cli", "cwhawq.__main__", "cwhawq.zoo.train"),                # 11 commands, scripts
 ]
 
 

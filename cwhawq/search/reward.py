@@ -13,6 +13,9 @@ to fp32 on the same samples.
 - Optional ``finetune_steps`` > 0: a very short quantization-aware fine-tune (that many SGD steps of
   batch 128 on the train split, fixed seed) before evaluating; the float weights are restored after.
 - Identical plans (the same bits everywhere) are evaluated once and cached.
+- Under torchrun (:mod:`cwhawq.dist`) the evaluator holds this rank's contiguous share of the subset
+  and the correct counts and loss sums are summed across ranks, so every rank gets the same accuracy,
+  loss and reward as one process on the whole subset.
 
 For speed the activation fake-quantizers are swapped, for evaluation only, for an in-place version
 computing bit-for-bit the same values (divide, round half to even, clamp to the channel's codes,
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import dist
 from ..data import Dataset
 from ..graph import QModel
 from ..plan import Plan
@@ -123,7 +127,9 @@ class PlanEvaluator:
             y = self._y[i:i + self.batch_size]
             correct += int((out.argmax(1) == y).sum())
             loss_sum += float(F.cross_entropy(out.double(), y, reduction="sum"))
-        n = max(1, len(self._y))
+        # under torchrun every rank holds its share of the subset: the sums are the subset's
+        correct, loss_sum, n = (float(v) for v in dist.all_sum([correct, loss_sum, len(self._y)]))
+        n = max(1.0, n)
         loss = loss_sum / n
         return correct / n, (loss if np.isfinite(loss) else 1e3)
 

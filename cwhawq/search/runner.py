@@ -14,6 +14,12 @@ Files (defaults derived from ``out``, e.g. ``plan.json``):
   back to the checkpoint's episodes and the episodes after it are replayed, deterministically, so
   the final plan is the one an uninterrupted run with the same seed gives. ``episodes`` may be raised
   on resume (the noise schedule depends only on the episode index).
+
+Under torchrun (:mod:`cwhawq.dist`) the agent lives on rank 0: each episode it acts, broadcasts its
+actions, and every rank builds the same plan from them and measures it on its share of the
+validation subset; the evaluator sums the shares, so the reward is the same number on every rank
+and equals one process's. Only rank 0 updates the agent and writes the log, the checkpoints and the
+plan; on resume it reads the checkpoint and broadcasts where the search stands.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import numpy as np
 import torch
 
 from .. import data as D
+from .. import dist
 from ..checks import check_labels, check_same_model, load_sensitivity, model_classes, model_identity, require_data
 from ..errors import CwhawqError
 from ..evaluate import check_input_shape
@@ -200,7 +207,7 @@ class _Search:
         self._setup()
         self._resume()
         self.setup_seconds = time.perf_counter() - t_start
-        if self.log_p is not None:
+        if self.log_p is not None and dist.is_main():
             _truncate_log(self.log_p, self.start)
         self._episodes()
         return self._best_plan()
@@ -264,12 +271,13 @@ class _Search:
         val = self.val = D.load(data, "val", c.data_dir).subset(c.val_samples)
         check_input_shape(loaded.input_shape, val)
         check_labels(val, model_classes(loaded))
+        val_share = dist.shard_dataset(val)   # this rank's share (all of it on one process)
         calib = self.calib = calibration_set(data, c.data_dir, c.calib_batches)
         quantizer = self.quantizer = Quantizer(qm, calib, act_scale=c.act_scale)
         train = D.load(data, "train", c.data_dir) if c.finetune_steps else None
         if train is not None:
             check_labels(train, model_classes(loaded))
-        self.evaluator = PlanEvaluator(qm, quantizer, val, c.reward, finetune_steps=c.finetune_steps, train=train,
+        self.evaluator = PlanEvaluator(qm, quantizer, val_share, c.reward, finetune_steps=c.finetune_steps, train=train,
                                        w_bits=self.w_set)
         self.agent = DDPG(self.env.state_dim, self.env.action_dim, self.agent_cfg, seed=c.seed)
         self.config = {
@@ -287,6 +295,21 @@ class _Search:
     # ---- resume from the checkpoint
     def _resume(self) -> None:
         self.start, self.best, self.totals, self.prev_elapsed = 0, None, {p: 0.0 for p in PHASES}, 0.0
+        if not dist.active():
+            self._resume_here()
+            return
+        err = None
+        if dist.is_main():   # rank 0 holds the checkpoint (and the agent); the others learn where it stands
+            try:
+                self._resume_here()
+            except SearchError as e:
+                err = str(e)
+        err, self.start, self.best, self.totals, self.prev_elapsed = dist.broadcast(
+            (err, self.start, self.best, self.totals, self.prev_elapsed))
+        if err is not None:
+            raise SearchError(err)
+
+    def _resume_here(self) -> None:
         ckpt_p, config = self.ckpt_p, self.config
         if not (self.cfg.resume and ckpt_p.is_file()):
             return
@@ -312,7 +335,8 @@ class _Search:
         c, cfg = self.cfg, self.agent_cfg
         episodes, best, totals = c.episodes, self.best, self.totals
         bar = None
-        if c.progress:
+        main = dist.is_main()
+        if c.progress and main:
             from tqdm import tqdm
 
             bar = tqdm(total=episodes, initial=min(self.start, episodes), desc="ddpg search", unit="ep", leave=False,
@@ -322,7 +346,7 @@ class _Search:
         t_loop = time.perf_counter()
         ep = self.start
         try:
-            logctx = open(self.log_p, "a") if self.log_p is not None else contextlib.nullcontext()
+            logctx = open(self.log_p, "a") if self.log_p is not None and main else contextlib.nullcontext()
             with _deferred_sigint() as sigint, logctx as logf:
                 while ep < episodes:
                     rec, plan_d = _episode(ep, self.env, self.agent, self.evaluator, self.bud, cfg, self.lat_cost,
@@ -343,14 +367,16 @@ class _Search:
                     ep += 1
                     self.ep = ep
                     stop = sigint["hit"]
-                    if self.ckpt_p is not None and (ep % c.checkpoint_every == 0 or ep == episodes or stop):
+                    if dist.active():   # Ctrl-C as rank 0 saw it: every rank stops after the same episode
+                        stop = dist.broadcast(stop)
+                    if self.ckpt_p is not None and main and (ep % c.checkpoint_every == 0 or ep == episodes or stop):
                         elapsed = self.prev_elapsed + time.perf_counter() - t_loop
                         _save_checkpoint(self.ckpt_p, self.config, ep, self.agent, best, totals, elapsed)
                     totals["io"] += time.perf_counter() - t_io
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_acc=f"{best['accuracy'] * 100:.2f}%")
-                    if c.on_episode is not None:
+                    if c.on_episode is not None and main:
                         c.on_episode(rec)
                     if stop:
                         raise KeyboardInterrupt
@@ -403,7 +429,7 @@ class _Search:
                            table_fp32_s=table.fp32_seconds, target=table.data["target"]["name"],
                            batch=table.data["batch"], where=table.data["where"])
             plan.meta["latency"] = lat
-        if self.out_p is not None:
+        if self.out_p is not None and dist.is_main():
             plan.save(self.out_p)
         return plan
 
@@ -441,9 +467,19 @@ def _episode(ep: int, env: QuantSearchEnv, agent: DDPG, evaluator: PlanEvaluator
              lat_cost=None, latency_weight: float = 0.0):
     t0 = time.perf_counter()
     s = env.reset()
-    with _one_thread():
-        while s is not None:
-            s = env.step(agent.act(s, ep))
+    main = dist.is_main()
+    if main:   # the agent acts on rank 0 only; under torchrun the other ranks replay its actions
+        actions = []
+        with _one_thread():
+            while s is not None:
+                a = agent.act(s, ep)
+                actions.append(a)
+                s = env.step(a)
+        if dist.active():
+            dist.broadcast(actions)
+    else:
+        for a in dist.broadcast(None):
+            s = env.step(a)
     plan, info = env.finish()
     eff = env.effective_actions()
     states = env.states_for(eff)
@@ -456,12 +492,13 @@ def _episode(ep: int, env: QuantSearchEnv, agent: DDPG, evaluator: PlanEvaluator
     if latency_weight:
         R = R + latency_weight * (1.0 - lat)
     L = env.L
-    for t in range(L):
+    losses = None
+    for t in range(L if main else 0):
         nxt = states[t + 1] if t + 1 < L else np.zeros_like(states[t])
         agent.observe(states[t], eff[t], R, nxt, t == L - 1)
-    agent.update_baseline(R)
-    losses = None
-    if ep >= cfg.warmup:
+    if main:
+        agent.update_baseline(R)
+    if ep >= cfg.warmup and main:
         with _one_thread():
             for _ in range(L * cfg.updates_per_step):
                 losses = agent.update() or losses
