@@ -9,6 +9,10 @@ For every quantized layer l we estimate, from the same Hessian-vector products (
   layer's input activation x (a probe eps is added to x, eps = 0: H = d^2 L / d eps^2), summed over
   the batch and spatial positions. Because the loss is a mean over the N samples of the batch, this
   equals the average over samples of the per-sample trace summed over the channel's H x W positions.
+  For a Linear the input channel is an input feature, the last axis of its input whatever its rank
+  (graph.act_axis); on ``[batch, tokens, features]`` its trace is summed over the batch and the
+  tokens (= the per-sample average of the feature's trace summed over the sample's tokens). Output
+  channels of a Linear are its output features (rows of the ``[out, in]`` weight), at any rank.
 
 Probing schemes (which coordinates share one HVP; see docs/hessian.md for measured error per second):
 - ``network``: one Rademacher vector spanning every weight and activation: 1 HVP per probe, but
@@ -31,7 +35,7 @@ Omega_c(b) = Tr(H_c) / n_c * ||Q_b(w_c) - w_c||^2 with the per-channel weight qu
 quantizers.py (n_c: elements of the channel); for activations Omega_c(b) = Tr(H_c) / n_c *
 E_x ||Q_b(x_c) - x_c||^2 with the channel's calibrated quantizer at b bits (free scale
 max|x_c| / qmax(b), sign from the calibration), the expectation over the analysis samples and
-n_c = H*W.
+n_c = H*W (a conv) or the tokens per sample (a Linear).
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ import torch.nn.functional as F
 from . import quantizers as Q
 from .data import Dataset
 from .errors import CwhawqError, DataError, ModelError
-from .graph import QModel
+from .graph import QModel, act_axis
 
 SCHEMES = ("exact", "ggn", "network", "layer", "interleave", "channel")
 DEFAULT_SCHEME = "auto"   # exact where the network is piecewise linear, else layer
@@ -200,6 +204,9 @@ class _BatchGraph:
         self.weights = [qm.layer(n).weight for n in names]
         self.eps = [eps[n] for n in names]
         self.acts = [acts[n] for n in names]
+        self.n_samples = int(x.shape[0])
+        # the input-channel axis of every layer's activation leaf (1 for convs, last for Linears)
+        self.axes = [act_axis(qm.layer(n).kind, e.dim()) for n, e in zip(names, self.eps)]
         self.leaves = self.weights + self.eps
         self._grads = None
         self._a_half = None
@@ -243,14 +250,15 @@ class _BatchGraph:
         L = len(self.weights)
         half = self.a_half()
         wtr = [np.zeros(w.shape[0]) for w in self.weights]
-        atr = [np.zeros(e.shape[1]) for e in self.eps]
+        atr = [np.zeros(e.shape[a]) for e, a in zip(self.eps, self.axes)]
         for k in range(half.shape[2]):
             gouts = torch.autograd.grad(self.out, self.eps + self.layer_outputs, grad_outputs=half[:, :, k],
                                         retain_graph=True)
             with torch.no_grad():
                 for i in range(L):
-                    atr[i] += _channel_sums(gouts[i] ** 2, "activation")
-                    wtr[i] += _per_sample_weight_sq(self.layer_modules[i], self.acts[i], gouts[L + i])
+                    atr[i] += _channel_sums(gouts[i] ** 2, "activation", self.axes[i])
+                    wtr[i] += _per_sample_weight_sq(self.layer_modules[i], self.acts[i], gouts[L + i],
+                                                    self.n_samples)
         return wtr, atr
 
     def ggn_probe(self, r: torch.Tensor) -> list[torch.Tensor]:
@@ -263,13 +271,23 @@ class _BatchGraph:
         return torch.autograd.grad(self.out, self.leaves, grad_outputs=g, retain_graph=True)
 
 
-def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor) -> np.ndarray:
-    """sum_n ||dL_n/dW_c||^2 per output channel c, from inputs x and output gradients delta."""
+def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor, n_samples: int | None = None) -> np.ndarray:
+    """sum_n ||dL_n/dW_c||^2 per output channel c, from inputs x and output gradients delta.
+
+    A Linear on ``[batch, ..., features]``: sample n's gradient is sum over its tokens t of
+    delta[n, t]^T x[n, t]. That needs the batch on the first axis (a layer working on
+    ``[tokens, batch, features]`` or on batch and tokens merged cannot be split into samples here)."""
     n = x.shape[0]
     if not q.is_conv:
-        if x.dim() != 2:
-            raise CwhawqError(f"layer {q.layer_name}: exact traces need a 2-D Linear input")
-        return ((delta.double() ** 2).t() @ (x.double() ** 2).sum(1)).numpy()
+        if n_samples is not None and n != n_samples:
+            raise CwhawqError(f"layer {q.layer_name}: exact traces need the batch on the first axis of a Linear's "
+                              f"input, got shape {tuple(x.shape)} for {n_samples} samples; use --scheme layer")
+        if x.dim() == 2:
+            return ((delta.double() ** 2).t() @ (x.double() ** 2).sum(1)).numpy()
+        xs = x.reshape(n, -1, x.shape[-1]).double()                                    # N, T, K
+        ds = delta.reshape(n, -1, delta.shape[-1]).double()                            # N, T, O
+        grads = torch.einsum("nto,ntk->nok", ds, xs)                                   # per-sample grads
+        return (grads ** 2).sum(dim=(0, 2)).numpy()
     kh, kw = q.weight.shape[2:]
     u = F.unfold(x, (kh, kw), dilation=q.dilation, padding=q.padding, stride=q.stride)  # N, Cin*kk, P
     g = q.groups
@@ -279,11 +297,12 @@ def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor) -> np.ndarray
     return (grads.double() ** 2).sum(dim=(0, 3)).reshape(-1).numpy()
 
 
-def _channel_sums(t: torch.Tensor, kind: str) -> np.ndarray:
+def _channel_sums(t: torch.Tensor, kind: str, axis: int = 1) -> np.ndarray:
+    """Per-channel sums: a weight's output channels (axis 0); an activation's channels on ``axis``
+    (1 for a conv, the last for a Linear), summed over every other axis (batch, positions, tokens)."""
     if kind == "weight":
         return t.reshape(t.shape[0], -1).sum(1).double().numpy()
-    # activation: N, C, ... -> per C
-    return t.transpose(0, 1).reshape(t.shape[1], -1).sum(1).double().numpy()
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1).sum(1).double().numpy()
 
 
 def _rademacher(shape, gen: torch.Generator) -> torch.Tensor:
@@ -340,9 +359,10 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
                               f"diagonal blocks equal the Hessian's); this one has {', '.join(bad[:3])}: "
                               f"use --scheme layer")
     shapes = {}
+    axes = {b.index: 0 if b.kind == "weight" else graphs[0].axes[b.index - L] for b in blocks}
     for b in blocks:
         leaf = graphs[0].leaves[b.index]
-        shapes[b.index] = leaf.shape[0] if b.kind == "weight" else leaf.shape[1]
+        shapes[b.index] = leaf.shape[axes[b.index]]
     acc = {b.index: _Welford(shapes[b.index]) for b in blocks}
     acc_sum = {b.index: _Welford(()) for b in blocks}   # per-probe layer traces (sums over channels)
     hvps = 0
@@ -363,7 +383,7 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
                     gl = g.ggn_probe(r)
                     hvps += 1
                     for b in blocks:
-                        est[b.index] += _channel_sums(gl[b.index] ** 2, b.kind) / len(graphs)
+                        est[b.index] += _channel_sums(gl[b.index] ** 2, b.kind, axes[b.index]) / len(graphs)
                 elif groups is not None:
                     for grp in groups:
                         idx = [b.index for b in grp]
@@ -371,17 +391,15 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
                         hv = g.hvp(idx, vs)
                         hvps += 1
                         for b, v, h in zip(grp, vs, hv):
-                            est[b.index] += _channel_sums(v * h, b.kind) / len(graphs)
+                            est[b.index] += _channel_sums(v * h, b.kind, axes[b.index]) / len(graphs)
                 else:
                     for b in blocks:
                         leaf = g.leaves[b.index]
                         v_full = _rademacher(leaf.shape, gen)
                         for c in range(shapes[b.index]):
                             v = torch.zeros_like(v_full)
-                            if b.kind == "weight":
-                                v[c] = v_full[c]
-                            else:
-                                v[:, c] = v_full[:, c]
+                            sel = (slice(None),) * axes[b.index] + (c,)
+                            v[sel] = v_full[sel]
                             h = g.hvp([b.index], [v])[0]
                             hvps += 1
                             est[b.index][c] += float((v * h).sum()) / len(graphs)
@@ -414,15 +432,18 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 # ----------------------------------------------------------------------------------- sensitivities
-def act_sq_error(acts: torch.Tensor, bits: int, signed: bool, amax: np.ndarray) -> np.ndarray:
-    """E over samples of ||Q_b(x_c) - x_c||^2 (summed over spatial positions), per channel."""
-    x = acts.double()
+def act_sq_error(acts: torch.Tensor, bits: int, signed: bool, amax: np.ndarray, axis: int = 1,
+                 n_samples: int | None = None) -> np.ndarray:
+    """E over samples of ||Q_b(x_c) - x_c||^2 (summed over spatial positions or tokens), per channel
+    (channels on ``axis``; ``n_samples`` defaults to the first axis's size)."""
+    x = acts.double().movedim(axis, 1)
     s = torch.from_numpy(Q.act_free_scales(amax, bits, signed).astype(np.float64))
     lo, hi = Q.qrange(bits, signed)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     s = s.view(shape)
     err = (torch.clamp(torch.round(x / s), lo, hi) * s - x) ** 2
-    return (err.transpose(0, 1).reshape(x.shape[1], -1).sum(1) / x.shape[0]).numpy()
+    n = n_samples if n_samples is not None else x.shape[0]
+    return (err.transpose(0, 1).reshape(x.shape[1], -1).sum(1) / n).numpy()
 
 
 def sensitivities(qm: QModel, tr: TraceResult, acts: dict[str, torch.Tensor], bit_choices=Q.BIT_CHOICES,
@@ -437,17 +458,19 @@ def sensitivities(qm: QModel, tr: TraceResult, acts: dict[str, torch.Tensor], bi
         werr = Q.weight_sq_error(w, bit_choices, weight_method)
         wtr = tr.weight_trace[name]
         a = acts[name]
-        amax = a.abs().transpose(0, 1).reshape(a.shape[1], -1).max(1).values.double().numpy()
+        ax = act_axis(info.kind, a.dim())
+        amax = a.abs().movedim(ax, 0).reshape(a.shape[ax], -1).max(1).values.double().numpy()
         signed = bool((a < 0).any())
-        n_a = int(np.prod(a.shape[2:])) if a.dim() > 2 else 1
+        n_a = info.act_elems_per_channel
+        n_samples = a.numel() // (a.shape[ax] * n_a)
         atr = tr.act_trace[name]
         layers.append({
             "name": name, "kind": info.kind,
             "weight": {"shape": list(w.shape), "trace": wtr.tolist(), "stderr": tr.weight_stderr[name].tolist(),
                        "omega": {str(b): (wtr / n_w * werr[b]).tolist() for b in bit_choices}},
-            "activation": {"shape": list(a.shape[1:]), "trace": atr.tolist(), "stderr": tr.act_stderr[name].tolist(),
+            "activation": {"shape": list(info.in_shape), "trace": atr.tolist(), "stderr": tr.act_stderr[name].tolist(),
                            "range": amax.tolist(), "signed": signed,
-                           "omega": {str(b): (atr / n_a * act_sq_error(a, b, signed, amax)).tolist()
+                           "omega": {str(b): (atr / n_a * act_sq_error(a, b, signed, amax, ax, n_samples)).tolist()
                                      for b in bit_choices}},
         })
     return layers
@@ -474,7 +497,8 @@ def analyze(qm: QModel, data: Dataset, batch_size: int = 128, batches: int = 1, 
             "converged": tr.converged, "worst_rel_stderr": tr.layer_rel_stderr, "loss": tr.loss,
             "trace_seconds": tr.seconds, "seconds": time.time() - t0,
             "normalisation": "mean cross-entropy over the analysis samples; activation traces summed over "
-                             "batch and spatial positions (= per-sample average of the channel's trace)",
+                             "batch and spatial positions, or batch and tokens for a Linear whose channels are "
+                             "its input features (= per-sample average of the channel's trace)",
             "layers": layers}
 
 
@@ -482,9 +506,14 @@ def analyze(qm: QModel, data: Dataset, batch_size: int = 128, batches: int = 1, 
 def _capture_inputs(qm: QModel, bl) -> dict[str, torch.Tensor]:
     acts: dict[str, list] = {}
 
+    kinds = {i.name: i.kind for i in qm.layer_infos}
+
     def make(name):
         def hook(x):
-            acts.setdefault(name, []).append(x.detach())
+            # a Linear's rows are independent: kept as [rows, features], whatever the layout of batch
+            # and tokens, so that batches concatenate
+            acts.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]) if kinds[name] == "linear"
+                                             else x.detach())
             return x
         return hook
 
