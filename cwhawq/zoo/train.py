@@ -68,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--out", default=None, help="weights file (default: the zoo's weights path)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--init", default=None, help="start from these weights (a state_dict file) instead of a "
+                                                 "random initialisation, e.g. a second, lower-learning-rate stage")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     if args.lr is None:
@@ -83,7 +85,10 @@ def main(argv=None):
     dev = torch.device(args.device)
     train, val, test = (D.load(args.data, s) for s in ("train", "val", "test"))
     xtr, ytr = torch.from_numpy(train.x).to(dev), torch.from_numpy(train.y).to(dev)
-    model = build(args.model).to(dev)
+    model = build(args.model)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
+    model = model.to(dev)
     decay, no_decay = [], []
     skip = set(getattr(model, "no_weight_decay", lambda: ())())
     for n_, p in model.named_parameters():
@@ -133,7 +138,7 @@ def main(argv=None):
     os.replace(tmp, out)
     print(json.dumps({"model": args.model, "test_acc": te, "val_acc": history[-1]["val_acc"],
                       "epochs": args.epochs, "seed": args.seed, "opt": args.opt, "lr": args.lr,
-                      "wd": args.wd, "weights": out}), flush=True)
+                      "wd": args.wd, "init": args.init, "weights": out}), flush=True)
 
 
 if __name__ == "__main__":
