@@ -10,7 +10,9 @@ On a model (default ``zoo:resnet20-fmnist``) and dataset (default Fashion-MNIST)
 5. export of the CW-HAWQ plan (and fp32) to ONNX, checked with onnxruntime;
 6. compilation for the host CPU with TVM and our kernels, and latency measured on this machine: every
    artifact and the fp32 ONNX file in onnxruntime, in the same three rounds of 100 short runs
-   (:func:`cwhawq.latency.measure_artifacts`, the statistics of ``cwhawq bench``);
+   (:func:`cwhawq.latency.measure_artifacts`, the statistics of ``cwhawq bench``). A model the
+   compiler refuses (a :class:`cwhawq.errors.CompileError`, e.g. an operator it cannot lower yet) ends
+   this step with a warning: the report is written without latencies and says why;
 7. ``report.md`` in DIR with the table, the Pareto plots (accuracy against size and against measured
    latency), a per-layer chart of channel bits, and the commands that reproduce each step.
 
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .errors import CompileError
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Log:
 QUICK_EPISODES = 60
 QUICK_TEST_IMAGES = 2000
 QUICK_ROUNDING_ITERS = 100
+QUICK_MAX_PROBES = 32    # Hutchinson probes at most with --quick (networks that are not piecewise linear)
 
 
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
@@ -124,12 +128,14 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
 
     log.stage("channel-wise Hessian analysis")
     sens_batch = 64 if cfg.quick else 128
-    sens = analyze(qm, train, model_name=cfg.model, batch_size=sens_batch)
+    probes = ["--max-probes", QUICK_MAX_PROBES] if cfg.quick else []
+    sens = analyze(qm, train, model_name=cfg.model, batch_size=sens_batch,
+                   **({"max_probes": QUICK_MAX_PROBES} if cfg.quick else {}))
     sens["model_sha256"] = model_identity(loaded)[1]
     write_json(out / "sens.json", sens, indent=None)
     plot_sensitivity(sens, out / "sens.png")
     log.stage(f"  {len(sens['layers'])} layers, scheme {sens['scheme']}, {sens['seconds']:.1f} s")
-    log.cmd("sensitivity", "analyze", cfg.model, *dargs, "--batch-size", sens_batch, "--out", out / "sens.json",
+    log.cmd("sensitivity", "analyze", cfg.model, *dargs, "--batch-size", sens_batch, *probes, "--out", out / "sens.json",
             "--plot", out / "sens.png")
 
     plans = {"uniform W8A8": B.uniform(infos, 8, 8), "uniform W4A8": B.uniform(infos, 4, 8),
@@ -215,30 +221,40 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         log.stage(f"  {key}: {onnx_files[key]} ({onnx_files[key].stat().st_size / 1024:.0f} KiB)")
 
     if cfg.compile:
-        from .backends.tvm import compile_model
-        from .latency import measure_artifacts
-
-        log.stage("compile for the host CPU (TVM + packed kernels)")
-        arts = []
-        for name, src in onnx_files.items():
-            art = out / (Path(src).stem + ".so")
-            compile_model(src, target="llvm", out=art, batch=1)
-            arts.append((art, name))
-            log.cmd(f"compile {name}", "compile", src, "--target", "llvm", "--batch", 1, "--out", art)
-            log.cmd(f"bench {name}", "bench", art)
-            log.stage(f"  {name}: {art} ({art.stat().st_size / 1024:.0f} KiB)")
-        log.cmd("bench fp32 in onnxruntime", "bench", onnx_files["fp32"])
-        log.stage("measure latency, batch 1: every artifact and fp32 in onnxruntime, 3 rounds")
-        res = measure_artifacts(arts + [(onnx_files["fp32"], "fp32 onnxruntime")], "cpu", 1)
-        for r in res[:-1]:
-            rows_by[r["name"]].latency_ms = r["measured_s"] * 1e3
-            log.stage(f"  {r['name']:<16} {r['measured_s'] * 1e3:.3f} ms")
-        rows_by["fp32"].extra["onnxruntime_ms"] = res[-1]["measured_s"] * 1e3
-        log.stage(f"  fp32 onnxruntime {res[-1]['measured_s'] * 1e3:.3f} ms")
+        try:
+            _compile_and_measure(out, onnx_files, rows_by, log)
+        except CompileError as exc:
+            log.compile_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.stage(f"warning: compile failed, no latency measured: {log.compile_error}")
 
     report = write_report(cfg, out, rows, sens, plans["CW-HAWQ (DDPG)"], infos, log)
     log.stage(f"report: {report}")
-    return {"report": str(report), "rows": [r.__dict__ for r in rows]}
+    return {"report": str(report), "rows": [r.__dict__ for r in rows],
+            "compile_error": getattr(log, "compile_error", None)}
+
+
+def _compile_and_measure(out: Path, onnx_files: dict, rows_by: dict, log) -> None:
+    """Compile every ONNX file for the host CPU and measure the artifacts and fp32 in onnxruntime."""
+    from .backends.tvm import compile_model
+    from .latency import measure_artifacts
+
+    log.stage("compile for the host CPU (TVM + packed kernels)")
+    arts = []
+    for name, src in onnx_files.items():
+        art = out / (Path(src).stem + ".so")
+        compile_model(src, target="llvm", out=art, batch=1)
+        arts.append((art, name))
+        log.cmd(f"compile {name}", "compile", src, "--target", "llvm", "--batch", 1, "--out", art)
+        log.cmd(f"bench {name}", "bench", art)
+        log.stage(f"  {name}: {art} ({art.stat().st_size / 1024:.0f} KiB)")
+    log.cmd("bench fp32 in onnxruntime", "bench", onnx_files["fp32"])
+    log.stage("measure latency, batch 1: every artifact and fp32 in onnxruntime, 3 rounds")
+    res = measure_artifacts(arts + [(onnx_files["fp32"], "fp32 onnxruntime")], "cpu", 1)
+    for r in res[:-1]:
+        rows_by[r["name"]].latency_ms = r["measured_s"] * 1e3
+        log.stage(f"  {r['name']:<16} {r['measured_s'] * 1e3:.3f} ms")
+    rows_by["fp32"].extra["onnxruntime_ms"] = res[-1]["measured_s"] * 1e3
+    log.stage(f"  fp32 onnxruntime {res[-1]['measured_s'] * 1e3:.3f} ms")
 
 
 def write_report(cfg, out: Path, rows, sens, plan, infos, log) -> Path:
@@ -322,6 +338,9 @@ def write_report(cfg, out: Path, rows, sens, plan, infos, log) -> Path:
                          f"gap and its cause are in docs/kernels.md. " if ort < min(q) else "")
                       + "For latency, search under a measured latency budget (`cwhawq search --target llvm "
                         "--budget latency:R`, docs/search.md)."]
+    if getattr(log, "compile_error", None):
+        lines += ["", f"- Latency: not measured: compiling for the host CPU failed ({log.compile_error}). Every "
+                      f"step before it ran; `--no-compile` skips the step."]
     for r in rows:
         if r.extra.get("onnxruntime_accuracy") is not None:
             lines += [f"- exported {r.name} ONNX in onnxruntime: {r.extra['onnxruntime_accuracy'] * 100:.2f}% "

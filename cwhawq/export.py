@@ -3,13 +3,18 @@ the user guide).
 
 The float graph (normalisation, ReLU, adds, pooling, flatten, ...) comes from torch's own ONNX exporter
 (``torch.onnx.export(dynamo=True)``) run on the canonical QModel with every quantization hook removed.
-Each quantized layer's Conv/Gemm node is then found by its weight initializer and replaced by:
+Each quantized layer's Conv/Gemm/MatMul node is then found by its weight initializer and replaced by:
 
     [Gather L/perm_in]  (depthwise only: its input channels follow its output permutation)
     Max L/act_max -> Min L/act_min -> QuantizeLinear L/act_q -> DequantizeLinear L/act_dq
     DequantizeLinear L/dq_w{b} per bit group -> Concat L/concat_w
-    Conv|Gemm L  (output channels permuted so that equal bits are contiguous, descending)
+    Conv|Gemm L  (output channels permuted so that equal bits are contiguous, descending), or for a
+    Linear on a rank-r input (r >= 3; torch writes MatMul + Add):
+        Transpose L/w_t (of the [out, in] weight) -> MatMul L -> [Add L/bias_add]
     [Gather L/unperm]   (restores the original channel order unless folded, see below)
+
+The activation quantizer's axis is the layer's input-channel axis at the input's rank: 1 for Conv and
+Gemm, r - 1 (the features) for MatMul.
 
 Undoing the permutation costs nothing when the layer's output reaches exactly one quantized layer
 through channel-wise operators (ReLU, pooling, flatten, per-channel constant Add/Mul, BatchNorm, ...):
@@ -278,6 +283,13 @@ class _Layer:
     in_gather: np.ndarray | None = None    # depthwise: Gather indices applied to the incoming tensor
     unperm: str = "identity"               # identity | gather | folded:<consumer>
     const_perms: list = field(default_factory=list)  # (node, input index, axis, perm) on a folded chain
+    rank: int = 2                          # rank of the layer's input tensor in the graph
+    bias_node: onnx.NodeProto | None = None  # MatMul: torch's bias Add after it (replaced with the layer)
+
+    @property
+    def out(self) -> str:
+        """The tensor holding the layer's output (after the bias) in torch's graph."""
+        return (self.bias_node or self.node).output[0]
 
     @property
     def identity(self) -> bool:
@@ -313,9 +325,14 @@ class LayerKind:
     def channel_axis(self, rank: int) -> int:
         return 1
 
-    def emit(self, name: str, x: str, w: str, bias: str | None, y: str, node: onnx.NodeProto) -> onnx.NodeProto:
-        """The operator node (named ``name``) computing ``y`` from activation ``x``, weight ``w``, ``bias``."""
+    def emit(self, name: str, x: str, w: str, bias: str | None, y: str, node: onnx.NodeProto):
+        """The operator node (named ``name``) computing ``y`` from activation ``x``, weight ``w``, ``bias``;
+        or a list of nodes in order, one of them named ``name`` (it carries the layer's annotations)."""
         raise NotImplementedError
+
+    def weight_matches(self, init: np.ndarray, w: np.ndarray) -> bool:
+        """Whether torch's initializer ``init`` of this node is the layer's weight ``w`` (``[out, ...]``)."""
+        return init.shape == w.shape and np.array_equal(init, w)
 
 
 LAYER_KINDS: dict[str, LayerKind] = {}
@@ -370,9 +387,54 @@ class GemmKind(LayerKind):
         return helper.make_node("Gemm", [x, w] + ([bias] if bias else []), [y], name=name, transB=1)
 
 
+@register_layer_kind
+class MatMulKind(LayerKind):
+    """A Linear on a rank-r input (r >= 3, e.g. ``[batch, tokens, features]``), which torch writes as
+    ``MatMul(x, W^T)`` followed by ``Add(bias)``. Emitted as ``Transpose(perm=[1, 0])`` of the
+    dequantized ``[out, in]`` weight, ``MatMul`` and the bias ``Add`` (on the last axis); the input
+    channels are the features, the last axis."""
+
+    op_type = "MatMul"
+    layer_kinds = ("linear",)
+
+    def check(self, node, name, info):
+        if len(node.input) != 2:
+            raise ExportError(f"layer {name}: unsupported MatMul form (inputs {list(node.input)})")
+
+    def channel_axis(self, rank):
+        return rank - 1
+
+    def weight_matches(self, init, w):
+        return w.ndim == 2 and init.shape == w.shape[::-1] and np.array_equal(init, w.T)
+
+    def emit(self, name, x, w, bias, y, node):
+        nodes = [helper.make_node("Transpose", [w], [f"{name}.weight_t"], name=f"{name}/w_t", perm=[1, 0]),
+                 helper.make_node("MatMul", [x, f"{name}.weight_t"], [f"{name}.matmul" if bias else y], name=name)]
+        if bias:
+            nodes.append(helper.make_node("Add", [f"{name}.matmul", bias], [y], name=f"{name}/bias_add"))
+        return nodes
+
+
+def _bias_add(view: OnnxGraph, node: onnx.NodeProto, bias: np.ndarray | None, name: str):
+    """torch's ``Add`` of a MatMul layer's bias: the MatMul's one consumer, adding a constant equal to the
+    layer's bias on the last axis. None for a layer without a bias."""
+    if bias is None:
+        return None
+    cons = view.consumers.get(node.output[0], [])
+    if len(cons) == 1 and cons[0].op_type == "Add" and node.output[0] not in view.outputs:
+        add = cons[0]
+        other = [t for t in add.input if t != node.output[0]]
+        v = view.const(other[0]) if len(other) == 1 else None
+        if v is not None and v.reshape(-1).shape == bias.shape and v.shape[-1:] == bias.shape and \
+                np.allclose(v.reshape(-1), bias, rtol=1e-6, atol=1e-7):
+            return add
+    raise ExportError(f"layer {name}: cannot find the Add of its bias after its MatMul in the exported ONNX graph")
+
+
 def _find_layer_nodes(model: onnx.ModelProto, view: OnnxGraph, qm, names) -> dict[str, onnx.NodeProto]:
     """The node of each quantized layer: the one reading the layer's weight initializer (matched by
-    torch's parameter name, else by value), of a registered :class:`LayerKind` (checked)."""
+    torch's parameter name, else by value: as is, or transposed for a MatMul), of a registered
+    :class:`LayerKind` (checked)."""
     by_weight: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         if len(n.input) > 1 and n.input[1] in view.inits:
@@ -385,8 +447,15 @@ def _find_layer_nodes(model: onnx.ModelProto, view: OnnxGraph, qm, names) -> dic
         cands = [t for t in by_weight if t.endswith(f"qlayers.{key}.weight")]
         if len(cands) != 1:
             w = q.weight.detach().numpy()
-            cands = [t for t in by_weight if t not in used and tuple(view.inits[t].dims) == w.shape
-                     and np.array_equal(numpy_helper.to_array(view.inits[t]), w)]
+            shapes = (w.shape, w.shape[::-1])
+            cands = []
+            for t in by_weight:
+                if t in used or tuple(view.inits[t].dims) not in shapes:
+                    continue
+                kinds = {LAYER_KINDS[n.op_type] for n in by_weight[t] if n.op_type in LAYER_KINDS}
+                arr = numpy_helper.to_array(view.inits[t])
+                if any(k.weight_matches(arr, w) for k in kinds) or (not kinds and np.array_equal(arr, w)):
+                    cands.append(t)
         nodes = by_weight.get(cands[0], []) if len(cands) == 1 else []
         if len(nodes) != 1:
             raise ExportError(f"layer {name}: cannot find its node in the exported ONNX graph")
@@ -401,7 +470,7 @@ def _fold_target(view: OnnxGraph, L: _Layer, layers_by_node: dict[int, _Layer]):
     """Follow L's output through channel-wise operators to a single quantized consumer that can absorb
     the permutation. Returns (consumer, expand, const_perms) or None."""
     C = len(L.perm)
-    t = L.node.output[0]
+    t = L.out
     expand = 1
     const_perms = []
     if not _channels_on_axis_1(L):  # the channel-wise operators below are followed on axis 1 only
@@ -492,7 +561,16 @@ def _fold_target(view: OnnxGraph, L: _Layer, layers_by_node: dict[int, _Layer]):
 
 
 def _channels_on_axis_1(L: _Layer) -> bool:
-    return L.kind.channel_axis(len(L.info.in_shape) + 1) == 1
+    return L.kind.channel_axis(L.rank) == 1
+
+
+def _input_rank(view: OnnxGraph, node: onnx.NodeProto, info) -> int:
+    """The rank of a layer's input in the graph (shape inference; the batch may be symbolic), else
+    from the layer's per-sample shape."""
+    shape = view.shapes.get(node.input[0])
+    if shape is not None and len(shape) >= 2:
+        return len(shape)
+    return len(info.in_shape) + 1
 
 
 def _expand_perm(perm: np.ndarray, e: int) -> np.ndarray:
@@ -508,7 +586,10 @@ def _plan_layers(model, view, qm, sim) -> list[_Layer]:
         perm = np.argsort(-np.asarray(st.w_bits, dtype=np.int64), kind="stable").astype(np.int64)
         q = qm.layer(info.name)
         node = nodes[info.name]
-        L = _Layer(info.name, info, st, node, LAYER_KINDS[node.op_type], perm, groups=int(q.groups))
+        L = _Layer(info.name, info, st, node, LAYER_KINDS[node.op_type], perm, groups=int(q.groups),
+                   rank=_input_rank(view, node, info))
+        if isinstance(L.kind, MatMulKind):
+            L.bias_node = _bias_add(view, node, None if q.bias is None else q.bias.detach().numpy(), info.name)
         if not L.identity:
             if info.kind == "depthwise":
                 L.in_gather = perm.copy()
@@ -548,7 +629,7 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
     st, info, name = L.state, L.info, L.name
     nodes, inits = [], []
     x = L.node.input[0]
-    rank = len(info.in_shape) + 1
+    rank = L.rank
     axis = L.kind.channel_axis(rank)
     if L.in_gather is not None:
         inits.append(_const(f"{name}.perm_in.indices", L.in_gather.astype(np.int64)))
@@ -614,9 +695,11 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
     if st.bias is not None:
         inits.append(_const(f"{name}.bias", np.asarray(st.bias, np.float32)[L.perm]))
         bias = f"{name}.bias"
-    out = L.node.output[0]
+    out = L.out
     y = f"{name}.out_perm" if L.unperm == "gather" else out
-    layer = L.kind.emit(name, f"{name}.act.dq", wname, bias, y, L.node)
+    emitted = L.kind.emit(name, f"{name}.act.dq", wname, bias, y, L.node)
+    emitted = list(emitted) if isinstance(emitted, (list, tuple)) else [emitted]
+    layer = next(n for n in emitted if n.name == name)
     pm = st.a_params or {}
     lmeta = {"cwhawq.layer": name, "cwhawq.kind": info.kind, "cwhawq.w_bits": _jlist(st.w_bits),
              "cwhawq.perm": _jlist(L.perm), "cwhawq.a_bits": _jlist(st.a_bits),
@@ -629,7 +712,7 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
     if _act_order(L) is not None:
         lmeta["cwhawq.in_perm"] = _jlist(_act_order(L))
     _set_meta(layer, lmeta)
-    nodes.append(layer)
+    nodes += emitted
     if L.unperm == "gather":
         inits.append(_const(f"{name}.unperm.indices", np.argsort(L.perm).astype(np.int64)))
         nodes.append(helper.make_node("Gather", [y, f"{name}.unperm.indices"], [out], name=f"{name}/unperm",
@@ -656,9 +739,12 @@ def build_model(float_model: onnx.ModelProto, qm, sim, fmt: str, opset: int, sen
             g.initializer.append(_const(new, np.take(v, perm, axis=axis)))
             n.input[k] = new
     by_node = {id(L.node): L for L in layers}
+    replaced = {id(L.bias_node) for L in layers if L.bias_node is not None}   # emitted with their layer
     new_nodes, reports = [], []
     for n in list(g.node):
         L = by_node.get(id(n))
+        if id(n) in replaced:
+            continue
         if L is None:
             new_nodes.append(n)
             continue

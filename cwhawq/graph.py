@@ -6,7 +6,16 @@ ATen-level FX graph, batch norms that follow a conv are folded into it, and ever
 call to a :class:`QLayer` module. A QLayer owns the (folded) float weight and bias, and two hooks
 the later stages use: ``act`` (applied to the layer's input: a quantizer, or a Hessian probe) and
 ``wq`` (the weight's fake quantizer under a plan). Layer names are the weight parameter's
-name without ``.weight`` (``layer1.0.conv1``), in graph (topological) order.
+name without ``.weight`` / ``_weight`` (``layer1.0.conv1``, ``attn.in_proj`` for
+``nn.MultiheadAttention``'s packed ``in_proj_weight``), in graph (topological) order.
+
+Channels: a conv's output channels are axis 0 of its weight and its input channels axis 1 of its
+input. A Linear takes inputs of any rank >= 2 (``[batch, features]``, ``[batch, tokens, features]``,
+or the ``[tokens, batch, features]`` and ``[tokens * batch, features]`` that
+``nn.MultiheadAttention`` works in): its output channels are the output features (axis 0 of the
+``[out, in]`` weight) and its input channels the input features, the **last** axis of the input
+(:func:`act_axis`). A packed projection (``in_proj_weight`` ``[3E, E]``) is one layer with 3E output
+channels.
 """
 from __future__ import annotations
 
@@ -25,6 +34,12 @@ aten = torch.ops.aten
 _CONV_OPS = {aten.conv2d.default, aten.convolution.default}
 _LINEAR_OPS = {aten.linear.default}
 _BN_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+
+
+def act_axis(kind: str, ndim: int) -> int:
+    """The axis of a layer's input that holds its input channels: 1 for a conv (N, C, H, W), the
+    last for a Linear (features), whatever the rank (``[batch, tokens, features]``: 2)."""
+    return 1 if kind != "linear" else ndim - 1
 
 
 class QLayer(nn.Module):
@@ -78,9 +93,14 @@ class LayerInfo:
     groups: int
     weight_shape: tuple[int, ...]
     params: int
-    in_shape: tuple[int, ...]   # input activation, without batch (C,H,W) or (C,)
-    out_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]   # input per sample: conv (C,H,W); linear (features,) or (tokens, features)
+    out_shape: tuple[int, ...]  # likewise: conv (C,H,W); linear (out,) or (tokens, out)
     macs: int                   # multiply-accumulates per sample
+
+    @property
+    def tokens(self) -> int:
+        """Rows a Linear applies its weight to per sample (1 for [batch, features]); 1 for a conv."""
+        return int(self.in_shape[0]) if self.kind == "linear" and len(self.in_shape) == 2 else 1
 
     @property
     def weight_elems_per_channel(self) -> int:
@@ -88,6 +108,9 @@ class LayerInfo:
 
     @property
     def act_elems_per_channel(self) -> int:
+        """Input values per sample of one input channel: H*W for a conv, the tokens for a Linear."""
+        if self.kind == "linear":
+            return self.tokens
         n = 1
         for d in self.in_shape[1:]:
             n *= d
@@ -278,15 +301,7 @@ def canonicalize(module: nn.Module, input_shape, exported=None, fold_bn: bool = 
 
 def check_supported_layers(infos: list[LayerInfo]) -> None:
     """Refuse, in one line naming the first such layer, what quantization, analysis and export cannot
-    handle yet: a Linear whose input is not ``[batch, features]`` (e.g. ``[batch, tokens, features]``
-    in a transformer; its channels would be the last axis, everything here assumes axis 1), or a
-    layer the example input never reached."""
-    bad = [i for i in infos if i.kind == "linear" and i.in_shape and len(i.in_shape) != 1]
-    if bad:
-        i = bad[0]
-        more = f" ({len(bad) - 1} more such layer(s))" if len(bad) > 1 else ""
-        raise ModelError(f"layer {i.name}: Linear on {len(i.in_shape) + 1}-D inputs (e.g. transformer tokens) is not "
-                         f"supported yet, only [batch, features] Linear layers{more}")
+    handle: a layer the example input never reached (its shapes are unknown)."""
     unrun = [i for i in infos if not i.in_shape]
     if unrun:
         raise ModelError(f"layer {unrun[0].name}: not reached by the model's forward pass on an example input, "
@@ -312,7 +327,14 @@ def _layer_infos(gm: fx.GraphModule, names: list[str], input_shape) -> list[Laye
         mod = gm.qlayers[_key(n)]
 
         def hook(m, inp, out, n=n):
-            shapes[n] = (tuple(inp[0].shape[1:]), tuple(out.shape[1:]))
+            if m.is_conv:
+                shapes[n] = (tuple(inp[0].shape[1:]), tuple(out.shape[1:]))
+            else:
+                # a batch-1 run: whatever the layout (batch first, tokens first, or both merged on
+                # one axis as nn.MultiheadAttention's out_proj), the rows are the sample's tokens
+                k, o = int(inp[0].shape[-1]), int(out.shape[-1])
+                rows = inp[0].numel() // max(1, k)
+                shapes[n] = ((rows, k), (rows, o)) if inp[0].dim() > 2 or rows > 1 else ((k,), (o,))
         hooks.append(mod.register_forward_hook(hook))
     try:
         gm(torch.zeros((1, *input_shape)))
@@ -334,8 +356,9 @@ def _layer_infos(gm: fx.GraphModule, names: list[str], input_shape) -> list[Laye
             infos.append(LayerInfo(i, n, m.kind, int(w.shape[1] * m.groups), int(w.shape[0]), (int(kh), int(kw)),
                                    m.stride, m.groups, tuple(w.shape), int(w.numel()), ishape, oshape, macs))
         else:
+            rows = int(ishape[0]) if len(ishape) == 2 else 1
             infos.append(LayerInfo(i, n, "linear", int(w.shape[1]), int(w.shape[0]), (1, 1), (1, 1), 1,
-                                   tuple(w.shape), int(w.numel()), ishape, oshape, int(w.numel())))
+                                   tuple(w.shape), int(w.numel()), ishape, oshape, int(w.numel()) * rows))
     return infos
 
 

@@ -9,6 +9,10 @@ For every quantized layer l we estimate, from the same Hessian-vector products (
   layer's input activation x (a probe eps is added to x, eps = 0: H = d^2 L / d eps^2), summed over
   the batch and spatial positions. Because the loss is a mean over the N samples of the batch, this
   equals the average over samples of the per-sample trace summed over the channel's H x W positions.
+  For a Linear the input channel is an input feature, the last axis of its input whatever its rank
+  (graph.act_axis); on ``[batch, tokens, features]`` its trace is summed over the batch and the
+  tokens (= the per-sample average of the feature's trace summed over the sample's tokens). Output
+  channels of a Linear are its output features (rows of the ``[out, in]`` weight), at any rank.
 
 Probing schemes (which coordinates share one HVP; see docs/hessian.md for measured error per second):
 - ``network``: one Rademacher vector spanning every weight and activation: 1 HVP per probe, but
@@ -31,7 +35,7 @@ Omega_c(b) = Tr(H_c) / n_c * ||Q_b(w_c) - w_c||^2 with the per-channel weight qu
 quantizers.py (n_c: elements of the channel); for activations Omega_c(b) = Tr(H_c) / n_c *
 E_x ||Q_b(x_c) - x_c||^2 with the channel's calibrated quantizer at b bits (free scale
 max|x_c| / qmax(b), sign from the calibration), the expectation over the analysis samples and
-n_c = H*W.
+n_c = H*W (a conv) or the tokens per sample (a Linear).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ from . import dist
 from . import quantizers as Q
 from .data import Dataset
 from .errors import CwhawqError, DataError, ModelError
-from .graph import QModel
+from .graph import QModel, act_axis
 
 SCHEMES = ("exact", "ggn", "network", "layer", "interleave", "channel")
 DEFAULT_SCHEME = "auto"   # piecewise linear: exact or ggn, whichever costs fewer backward passes; else layer
@@ -228,6 +232,9 @@ class _BatchGraph:
         self.weights = [qm.layer(n).weight for n in names]
         self.eps = [eps[n] for n in names]
         self.acts = [acts[n] for n in names]
+        self.n_samples = int(x.shape[0])
+        # the input-channel axis of every layer's activation leaf (1 for convs, last for Linears)
+        self.axes = [act_axis(qm.layer(n).kind, e.dim()) for n, e in zip(names, self.eps)]
         self.leaves = self.weights + self.eps
         self._grads = None
         self._a_half = None
@@ -276,8 +283,9 @@ class _BatchGraph:
         L = len(self.weights)
         gouts = torch.autograd.grad(self.out, self.eps + self.layer_outputs, grad_outputs=gout, retain_graph=True)
         with torch.no_grad():
-            atr = [_channel_sums(gouts[i] ** 2, "activation") for i in range(L)]
-            wtr = [_per_sample_weight_sq(self.layer_modules[i], self.acts[i], gouts[L + i]) for i in range(L)]
+            atr = [_channel_sums(gouts[i] ** 2, "activation", self.axes[i]) for i in range(L)]
+            wtr = [_per_sample_weight_sq(self.layer_modules[i], self.acts[i], gouts[L + i], self.n_samples)
+                   for i in range(L)]
         return wtr, atr
 
     def exact(self, tick=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -291,7 +299,7 @@ class _BatchGraph:
         L = len(self.weights)
         half = self.a_half()
         wtr = [np.zeros(w.shape[0]) for w in self.weights]
-        atr = [np.zeros(e.shape[1]) for e in self.eps]
+        atr = [np.zeros(e.shape[a]) for e, a in zip(self.eps, self.axes)]
         for k in range(half.shape[2]):
             w_k, a_k = self._gn_squares(half[:, :, k])
             for i in range(L):
@@ -314,13 +322,23 @@ class _BatchGraph:
         return self._gn_squares(self.b_times(r))
 
 
-def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor) -> np.ndarray:
-    """sum_n ||dL_n/dW_c||^2 per output channel c, from inputs x and output gradients delta."""
+def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor, n_samples: int | None = None) -> np.ndarray:
+    """sum_n ||dL_n/dW_c||^2 per output channel c, from inputs x and output gradients delta.
+
+    A Linear on ``[batch, ..., features]``: sample n's gradient is sum over its tokens t of
+    delta[n, t]^T x[n, t]. That needs the batch on the first axis (a layer working on
+    ``[tokens, batch, features]`` or on batch and tokens merged cannot be split into samples here)."""
     n = x.shape[0]
     if not q.is_conv:
-        if x.dim() != 2:
-            raise CwhawqError(f"layer {q.layer_name}: exact traces need a 2-D Linear input")
-        return ((delta.double() ** 2).t() @ (x.double() ** 2).sum(1)).numpy()
+        if n_samples is not None and n != n_samples:
+            raise CwhawqError(f"layer {q.layer_name}: exact traces need the batch on the first axis of a Linear's "
+                              f"input, got shape {tuple(x.shape)} for {n_samples} samples; use --scheme layer")
+        if x.dim() == 2:
+            return ((delta.double() ** 2).t() @ (x.double() ** 2).sum(1)).numpy()
+        xs = x.reshape(n, -1, x.shape[-1]).double()                                    # N, T, K
+        ds = delta.reshape(n, -1, delta.shape[-1]).double()                            # N, T, O
+        grads = torch.einsum("nto,ntk->nok", ds, xs)                                   # per-sample grads
+        return (grads ** 2).sum(dim=(0, 2)).numpy()
     kh, kw = q.weight.shape[2:]
     g = q.groups
     co, ci = q.weight.shape[0] // g, q.weight.shape[1] * kh * kw     # per group: outputs, inputs x kernel
@@ -350,11 +368,12 @@ def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor) -> np.ndarray
     return total.numpy()
 
 
-def _channel_sums(t: torch.Tensor, kind: str) -> np.ndarray:
+def _channel_sums(t: torch.Tensor, kind: str, axis: int = 1) -> np.ndarray:
+    """Per-channel sums: a weight's output channels (axis 0); an activation's channels on ``axis``
+    (1 for a conv, the last for a Linear), summed over every other axis (batch, positions, tokens)."""
     if kind == "weight":
         return t.reshape(t.shape[0], -1).sum(1).double().numpy()
-    # activation: N, C, ... -> per C
-    return t.transpose(0, 1).reshape(t.shape[1], -1).sum(1).double().numpy()
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1).sum(1).double().numpy()
 
 
 def _rademacher(shape, gen: torch.Generator) -> torch.Tensor:
@@ -422,22 +441,35 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
         groups = [ordered[j::kk] for j in range(kk)]
     else:
         groups = None  # channel, ggn
-    # the leaves' shapes at the whole batch (activation probes are drawn at it, then cut to the share)
-    in_shapes = {n: tuple(a.shape[1:]) for n, a in _capture_inputs(qm, [(batches[0][0][:1], None)]).items()}
+    # the leaves' shapes at each whole batch (activation probes are drawn at it, then cut to the share:
+    # a layer input holding r rows per sample, [N, ...] or [N * tokens, ...], gives rows lo*r:hi*r)
+    leaf_shapes = [_input_shapes(qm, x) for x, _ in batches]
     w_shapes = [tuple(qm.layer(n).weight.shape) for n in names]
-
-    def full_shape(b: _Block, n_batch: int) -> tuple:
-        return w_shapes[b.index] if b.kind == "weight" else (n_batch,) + in_shapes[b.layer]
+    if dist.active():
+        for (x, _), ls in zip(batches, leaf_shapes):
+            for n, shp in ls.items():
+                if shp[0] % len(x):
+                    raise CwhawqError(f"layer {n}: its input {shp} does not hold the batch's {len(x)} samples on "
+                                      f"its first axis, so it cannot be shared across processes: analyze it in one")
 
     def draw(b: _Block, bi: int) -> torch.Tensor | None:
         """A probe over block b of batch bi at the whole batch's shape; this rank's rows of it (None: no rows)."""
         (lo, hi), n_batch = shares[bi]
-        v = _rademacher(full_shape(b, n_batch), gen)
-        if b.kind == "activation":
-            v = v[lo:hi]
+        if b.kind == "weight":
+            v = _rademacher(w_shapes[b.index], gen)
+        else:
+            full = leaf_shapes[bi][b.layer]
+            v = _rademacher(full, gen)
+            r = full[0] // n_batch if full[0] % n_batch == 0 else None
+            if r is not None and (lo, hi) != (0, n_batch):
+                v = v[lo * r:hi * r]
         return v if hi > lo else None
 
-    shapes = {b.index: (w_shapes[b.index][0] if b.kind == "weight" else in_shapes[b.layer][0]) for b in blocks}
+    # activation channels: axis 1 of a conv's input, the last (features) of a Linear's, whatever its rank
+    axes = {b.index: 0 if b.kind == "weight" else act_axis(qm.layer(b.layer).kind, len(leaf_shapes[0][b.layer]))
+            for b in blocks}
+    shapes = {b.index: (w_shapes[b.index][0] if b.kind == "weight" else leaf_shapes[0][b.layer][axes[b.index]])
+              for b in blocks}
     offsets, off = {}, 0
     for b in blocks:
         offsets[b.index] = off
@@ -490,7 +522,7 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
                         idx = [b.index for b in grp]
                         hv = g.hvp(idx, vs)
                         for b, v, h in zip(grp, vs, hv):
-                            est[b.index] += _channel_sums(v * h, b.kind) / nb
+                            est[b.index] += _channel_sums(v * h, b.kind, axes[b.index]) / nb
                 else:
                     for b in blocks:
                         v_full = draw(b, bi)
@@ -499,10 +531,8 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
                             if g is None:
                                 continue
                             v = torch.zeros_like(v_full)
-                            if b.kind == "weight":
-                                v[c] = v_full[c]
-                            else:
-                                v[:, c] = v_full[:, c]
+                            sel = (slice(None),) * axes[b.index] + (c,)
+                            v[sel] = v_full[sel]
                             h = g.hvp([b.index], [v])[0]
                             est[b.index][c] += float((v * h).sum()) / nb
             if dist.active():   # the ranks' shares add up to the batch's estimate
@@ -547,15 +577,18 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 # ----------------------------------------------------------------------------------- sensitivities
-def act_sq_error(acts: torch.Tensor, bits: int, signed: bool, amax: np.ndarray) -> np.ndarray:
-    """E over samples of ||Q_b(x_c) - x_c||^2 (summed over spatial positions), per channel."""
-    x = acts.double()
+def act_sq_error(acts: torch.Tensor, bits: int, signed: bool, amax: np.ndarray, axis: int = 1,
+                 n_samples: int | None = None) -> np.ndarray:
+    """E over samples of ||Q_b(x_c) - x_c||^2 (summed over spatial positions or tokens), per channel
+    (channels on ``axis``; ``n_samples`` defaults to the first axis's size)."""
+    x = acts.double().movedim(axis, 1)
     s = torch.from_numpy(Q.act_free_scales(amax, bits, signed).astype(np.float64))
     lo, hi = Q.qrange(bits, signed)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     s = s.view(shape)
     err = (torch.clamp(torch.round(x / s), lo, hi) * s - x) ** 2
-    return (err.transpose(0, 1).reshape(x.shape[1], -1).sum(1) / x.shape[0]).numpy()
+    n = n_samples if n_samples is not None else x.shape[0]
+    return (err.transpose(0, 1).reshape(x.shape[1], -1).sum(1) / n).numpy()
 
 
 def sensitivities(qm: QModel, tr: TraceResult, acts: dict[str, torch.Tensor], bit_choices=Q.BIT_CHOICES,
@@ -570,17 +603,19 @@ def sensitivities(qm: QModel, tr: TraceResult, acts: dict[str, torch.Tensor], bi
         werr = Q.weight_sq_error(w, bit_choices, weight_method)
         wtr = tr.weight_trace[name]
         a = acts[name]
-        amax = a.abs().transpose(0, 1).reshape(a.shape[1], -1).max(1).values.double().numpy()
+        ax = act_axis(info.kind, a.dim())
+        amax = a.abs().movedim(ax, 0).reshape(a.shape[ax], -1).max(1).values.double().numpy()
         signed = bool((a < 0).any())
-        n_a = int(np.prod(a.shape[2:])) if a.dim() > 2 else 1
+        n_a = info.act_elems_per_channel
+        n_samples = a.numel() // (a.shape[ax] * n_a)
         atr = tr.act_trace[name]
         layers.append({
             "name": name, "kind": info.kind,
             "weight": {"shape": list(w.shape), "trace": wtr.tolist(), "stderr": tr.weight_stderr[name].tolist(),
                        "omega": {str(b): (wtr / n_w * werr[b]).tolist() for b in bit_choices}},
-            "activation": {"shape": list(a.shape[1:]), "trace": atr.tolist(), "stderr": tr.act_stderr[name].tolist(),
+            "activation": {"shape": list(info.in_shape), "trace": atr.tolist(), "stderr": tr.act_stderr[name].tolist(),
                            "range": amax.tolist(), "signed": signed,
-                           "omega": {str(b): (atr / n_a * act_sq_error(a, b, signed, amax)).tolist()
+                           "omega": {str(b): (atr / n_a * act_sq_error(a, b, signed, amax, ax, n_samples)).tolist()
                                      for b in bit_choices}},
         })
     return layers
@@ -626,17 +661,43 @@ def analyze(qm: QModel, data: Dataset, batch_size: int = 128, batches: int = 1, 
             "converged": tr.converged, "worst_rel_stderr": tr.layer_rel_stderr, "loss": tr.loss,
             "trace_seconds": tr.seconds, "seconds": time.time() - t0,
             "normalisation": "mean cross-entropy over the analysis samples; activation traces summed over "
-                             "batch and spatial positions (= per-sample average of the channel's trace)",
+                             "batch and spatial positions, or batch and tokens for a Linear whose channels are "
+                             "its input features (= per-sample average of the channel's trace)",
             "layers": layers}
 
 
 @torch.no_grad()
+def _input_shapes(qm: QModel, x: torch.Tensor) -> dict[str, tuple]:
+    """Every quantized layer's input shape, as the layer sees it, for the batch ``x``."""
+    shapes: dict[str, tuple] = {}
+
+    def make(name):
+        def hook(t):
+            shapes[name] = tuple(t.shape)
+            return t
+        return hook
+
+    for name, q in qm.qlayers.items():
+        q.act = make(name)
+    try:
+        with torch.no_grad():
+            qm(x)
+    finally:
+        qm.reset()
+    return shapes
+
+
 def _capture_inputs(qm: QModel, bl) -> dict[str, torch.Tensor]:
     acts: dict[str, list] = {}
 
+    kinds = {i.name: i.kind for i in qm.layer_infos}
+
     def make(name):
         def hook(x):
-            acts.setdefault(name, []).append(x.detach())
+            # a Linear's rows are independent: kept as [rows, features], whatever the layout of batch
+            # and tokens, so that batches concatenate
+            acts.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]) if kinds[name] == "linear"
+                                             else x.detach())
             return x
         return hook
 

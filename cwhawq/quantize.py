@@ -3,7 +3,8 @@
 What it computes is what the exported ONNX graph and the compiled kernels compute:
 - weights: BN already folded (graph.py); per output channel symmetric codes at the channel's bits,
   scale by MSE (default) or min-max (quantizers.py), dequantized once per plan;
-- activations: the input of every quantized layer, per channel, at the channel's bits, with ranges
+- activations: the input of every quantized layer, per channel (a conv: axis 1; a Linear: its input
+  features, the last axis, at any rank: graph.act_axis), at the channel's bits, with ranges
   calibrated once on the float model (``minmax``: max |x| per channel; ``percentile``: the 99.99th
   percentile of |x|) and the ``pow2`` scale representation (or ``free`` per-channel scales).
 
@@ -22,16 +23,18 @@ import torch.nn.functional as F
 
 from . import quantizers as Q
 from .data import Dataset
-from .graph import QModel
+from .graph import QModel, act_axis
 from .plan import Plan
 
 
 class ActQuant(nn.Module):
-    """Per-channel fake quantization of a layer input (straight-through gradient inside the range)."""
+    """Per-channel fake quantization of a layer input (straight-through gradient inside the range).
+    ``ndim``: the rank of a conv's input (channels on axis 1); None: channels on the last axis (a
+    Linear, inputs of any rank)."""
 
-    def __init__(self, scales: np.ndarray, qmin: np.ndarray, qmax: np.ndarray, ndim: int):
+    def __init__(self, scales: np.ndarray, qmin: np.ndarray, qmax: np.ndarray, ndim: int | None):
         super().__init__()
-        shape = (1, -1) + (1,) * (ndim - 2)
+        shape = (-1,) if ndim is None else (1, -1) + (1,) * (ndim - 2)
         self.register_buffer("s", torch.from_numpy(np.asarray(scales, np.float32)).view(shape))
         self.register_buffer("lo", torch.from_numpy(np.asarray(qmin, np.float32)).view(shape))
         self.register_buffer("hi", torch.from_numpy(np.asarray(qmax, np.float32)).view(shape))
@@ -93,9 +96,12 @@ def calibrate_ranges(qm: QModel, calib: Dataset, method: str = "minmax", batch_s
     stats: dict[str, dict] = {}
     samples: dict[str, list] = {}
 
+    kinds = {i.name: i.kind for i in qm.layer_infos}
+
     def make_hook(name):
         def hook(x):
-            xc = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
+            ax = act_axis(kinds[name], x.dim())
+            xc = x.detach().movedim(ax, 0).reshape(x.shape[ax], -1)
             mn = xc.min(dim=1).values
             ab = xc.abs()
             st = stats.setdefault(name, {"min": mn, "amax": ab.max(dim=1).values})
@@ -180,7 +186,7 @@ class Quantizer:
             fq = torch.from_numpy(Q.dequantize_weight(st.w_codes, st.w_scales))
             qmax = np.array([Q.qrange(int(b), True)[1] for b in st.w_bits], np.float32)
             q.wq = WeightQuant(fq, st.w_scales, qmax)
-            ndim = len(info.in_shape) + 1
+            ndim = None if info.kind == "linear" else len(info.in_shape) + 1
             q.act = ActQuant(st.a_scales, st.a_qmin, st.a_qmax, ndim)
             states[info.name] = st
         return QuantizedModel(self.qm, plan, states)

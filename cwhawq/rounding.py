@@ -256,7 +256,7 @@ def block_units(qm) -> list[Unit] | None:
     # example shapes: which segments without a layer keep the shape (ReLU-like, join the block
     # before) and which change it (pooling, flatten: they start the next block)
     shapes = {}
-    x0 = torch.zeros((2, *qm.input_shape))
+    x0 = torch.zeros((3, *qm.input_shape))
     saved = {n: (q.act, q.wq) for n, q in qm.qlayers.items()}
     hooks = []
     try:
@@ -278,6 +278,12 @@ def block_units(qm) -> list[Unit] | None:
             q.act, q.wq = saved[n]
         for h in hooks:
             h.remove()
+    # a unit's input and output are sliced into samples on their first axis: a cut tensor must hold the
+    # batch there (inside nn.MultiheadAttention tensors are [tokens, batch, ...] or batch and tokens
+    # merged; such cuts are joined with their neighbours)
+    kept = [c for c in cuts if c == 0 or c == len(data) - 1 or
+            (shapes.get(data[c]) is not None and len(shapes[data[c]]) > 0 and shapes[data[c]][0] == x0.shape[0])]
+    segs = list(zip(kept[:-1], kept[1:]))
     groups: list[list[tuple[int, int]]] = []
     pending: list[tuple[int, int]] = []   # layer-less segments waiting for the next block
     for a, b in segs:
@@ -328,8 +334,12 @@ def _batched(fn, x: torch.Tensor, bs: int = 256) -> torch.Tensor:
 
 
 def _rec_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels, averaged over samples and positions (BRECQ's)."""
+    """Squared error summed over channels, averaged over samples and positions (BRECQ's). Channels
+    are axis 1 of an N, C, H, W (or N, C) tensor and the last axis (features) of a 3-D one (the
+    N, tokens, features of a transformer block)."""
     d = (out - tgt).pow(2)
+    if d.dim() == 3:
+        return d.sum(-1).mean()
     return d.sum(1).mean() if d.dim() > 1 else d.mean()
 
 
@@ -349,8 +359,11 @@ class _LayerUnit:
         got_in, got_out = [], []
 
         def hook(m, inp, out):
-            got_in.append(inp[0].detach())
-            got_out.append(out.detach())
+            xi, yo = inp[0].detach(), out.detach()
+            if not m.is_conv:   # a Linear's rows are independent: [rows, features] whatever the layout
+                xi, yo = xi.reshape(-1, xi.shape[-1]), yo.reshape(-1, yo.shape[-1])
+            got_in.append(xi)
+            got_out.append(yo)
             raise _Stop
         h = self.q.register_forward_hook(hook)
         cur = {n: (q.act, q.wq) for n, q in self.qm.qlayers.items()}

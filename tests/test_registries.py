@@ -37,14 +37,17 @@ class _Info:
 def test_layer_kinds_and_the_one_error_for_the_others():
     from cwhawq.export import LAYER_KINDS, layer_kind
 
-    assert {"Conv", "Gemm"} <= set(LAYER_KINDS)
+    assert {"Conv", "Gemm", "MatMul"} <= set(LAYER_KINDS)
     conv = helper.make_node("Conv", ["x", "w"], ["y"], name="c")
     assert layer_kind(conv, "c", _Info("conv", (3, 8, 8))) is LAYER_KINDS["Conv"]
     assert LAYER_KINDS["Conv"].channel_axis(4) == 1 and LAYER_KINDS["Gemm"].channel_axis(2) == 1
     mm = helper.make_node("MatMul", ["x", "w"], ["y"], name="m")
-    with pytest.raises(ExportError, match=r"unsupported layer type: a Linear on a rank-3 input exported as MatMul; "
-                                          r"exported layer types: Conv \(conv/depthwise layers\), Gemm"):
-        layer_kind(mm, "m", _Info("linear", (4, 16)))
+    assert layer_kind(mm, "m", _Info("linear", (4, 16))) is LAYER_KINDS["MatMul"]
+    assert LAYER_KINDS["MatMul"].channel_axis(3) == 2 and LAYER_KINDS["MatMul"].channel_axis(4) == 3
+    with pytest.raises(ExportError, match=r"unsupported layer type: a conv layer exported as MatMul; "
+                                          r"exported layer types: Conv \(conv/depthwise layers\), Gemm \(linear "
+                                          r"layers\), MatMul \(linear layers\)"):
+        layer_kind(mm, "m", _Info("conv", (3, 8, 8)))
     gemm = helper.make_node("Gemm", ["x", "w"], ["y"], name="g", transB=1)
     with pytest.raises(ExportError, match="unsupported layer type: a conv layer exported as Gemm"):
         layer_kind(gemm, "g", _Info("conv", (3, 8, 8)))

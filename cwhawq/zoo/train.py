@@ -2,13 +2,17 @@
 
     python -m cwhawq.zoo.train resnet20-fmnist --epochs 20 --seed 0
     python -m cwhawq.zoo.train lenet-fmnist --epochs 10 --seed 0
+    python -m cwhawq.zoo.train vit-fmnist --opt adamw --epochs 20 --seed 0
 
 ``--device cuda`` trains on a GPU when one is there (same script and seed; cuDNN kernels make the
 result differ slightly from a CPU run).
 
-SGD (momentum 0.9, nesterov, weight decay 5e-4), batch 128, cosine learning rate from 0.1 with a
+SGD (momentum 0.9, nesterov, weight decay 5e-4, learning rate 0.1) or, with ``--opt adamw``, AdamW
+(weight decay 0.05, learning rate 1e-3; betas 0.9, 0.999), batch 128, cosine learning rate with a
 one-epoch linear warm-up, random-crop (pad 2) + horizontal-flip augmentation, on the train split
-(train minus the validation hold-out). Prints val accuracy per epoch and test accuracy at the end.
+(train minus the validation hold-out). Biases, norm parameters and what a model lists in its
+``no_weight_decay()`` (the ViT's class token and positions) get no weight decay. Prints val accuracy
+per epoch and test accuracy at the end.
 """
 from __future__ import annotations
 
@@ -57,14 +61,21 @@ def main(argv=None):
     ap.add_argument("model", choices=sorted(ZOO))
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--wd", type=float, default=5e-4)
+    ap.add_argument("--opt", choices=("sgd", "adamw"), default="sgd")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 for sgd, 1e-3 for adamw)")
+    ap.add_argument("--wd", type=float, default=None, help="weight decay (default: 5e-4 for sgd, 0.05 for adamw)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--out", default=None, help="weights file (default: the zoo's weights path)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--init", default=None, help="start from these weights (a state_dict file) instead of a "
+                                                 "random initialisation, e.g. a second, lower-learning-rate stage")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
+    if args.lr is None:
+        args.lr = 0.1 if args.opt == "sgd" else 1e-3
+    if args.wd is None:
+        args.wd = 5e-4 if args.opt == "sgd" else 0.05
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -74,12 +85,19 @@ def main(argv=None):
     dev = torch.device(args.device)
     train, val, test = (D.load(args.data, s) for s in ("train", "val", "test"))
     xtr, ytr = torch.from_numpy(train.x).to(dev), torch.from_numpy(train.y).to(dev)
-    model = build(args.model).to(dev)
+    model = build(args.model)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
+    model = model.to(dev)
     decay, no_decay = [], []
+    skip = set(getattr(model, "no_weight_decay", lambda: ())())
     for n_, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0}],
-                          lr=args.lr, momentum=0.9, nesterov=True)
+        (no_decay if p.ndim <= 1 or n_ in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0}]
+    if args.opt == "sgd":
+        opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total = args.epochs * steps_per_epoch
     warm = steps_per_epoch
@@ -119,7 +137,8 @@ def main(argv=None):
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, out)
     print(json.dumps({"model": args.model, "test_acc": te, "val_acc": history[-1]["val_acc"],
-                      "epochs": args.epochs, "seed": args.seed, "weights": out}), flush=True)
+                      "epochs": args.epochs, "seed": args.seed, "opt": args.opt, "lr": args.lr,
+                      "wd": args.wd, "init": args.init, "weights": out}), flush=True)
 
 
 if __name__ == "__main__":
