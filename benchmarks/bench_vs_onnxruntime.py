@@ -3,7 +3,8 @@
 Models: zoo:resnet20-fmnist (batch 1 and 16): onnxruntime fp32 and int8, cwhawq fp32 (our fp32
 kernels), uniform W8A8, W4A8, W8A6, the cw-greedy and the DDPG (CW-HAWQ search) plans at bits:3;
 ResNet-18 and MobileNetV2 at 1x3x224x224 (benchmarks/_archs.py, seeded random weights and BatchNorm
-statistics), batch 1: onnxruntime fp32 and int8, cwhawq fp32, W8A8, W4A8.
+statistics), batch 1: onnxruntime fp32 and int8, cwhawq fp32, W8A8, W4A8; zoo:vit-fmnist (batch 1):
+the same rows and the cw-greedy plans at bits:4 and bits:3.
 
 * onnxruntime int8: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, U8S8) of the fp32
   export (``cwhawq export --fp32``), calibrated on the same images as the cwhawq plans;
@@ -21,7 +22,7 @@ Intermediate files (exports, artifacts, plans) go to ``--work`` (default ``runs/
 and are reused when present, so a rerun only re-times. Results: ``docs/kernels-vs-ort.json`` and
 the marked table in ``docs/kernels.md``.
 
-    python benchmarks/bench_vs_onnxruntime.py [--quick] [--models resnet20,resnet18,mobilenetv2]
+    python benchmarks/bench_vs_onnxruntime.py [--quick] [--models resnet20,resnet18,mobilenetv2,vit]
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent / "cwhawq"
 BEGIN, END = "<!-- bench_vs_onnxruntime: begin -->", "<!-- bench_vs_onnxruntime: end -->"
+ZOO = {"resnet20": "zoo:resnet20-fmnist", "vit": "zoo:vit-fmnist"}
 
 
 def sh(*args, log=True):
@@ -110,9 +112,9 @@ def ort_int8(fp32: Path, out: Path, calib: np.ndarray) -> None:
 
 def build_model(model: str, work: Path, quick: bool, targets: dict, episodes: int) -> list[dict]:
     """Exports, plans and artifacts of one model; returns the variants to time."""
-    zoo = model == "resnet20"
+    zoo = model in ZOO
     if zoo:
-        spec = "zoo:resnet20-fmnist"
+        spec = ZOO[model]
         data = ["--data", "fashion-mnist"]
         from cwhawq import data as D
 
@@ -137,7 +139,10 @@ def build_model(model: str, work: Path, quick: bool, targets: dict, episodes: in
                  "path": str(int8)}]
     plans = {"W8A8": ("uniform", ["--w-bits", "8", "--a-bits", "8"]),
              "W4A8": ("uniform", ["--w-bits", "4", "--a-bits", "8"])}
-    if zoo and not quick:
+    if model == "vit" and not quick:
+        plans["cw-greedy bits:4"] = ("cw-greedy", ["--budget", "bits:4"])
+        plans["cw-greedy bits:3"] = ("cw-greedy", ["--budget", "bits:3"])
+    if model == "resnet20" and not quick:
         plans["W8A6"] = ("uniform", ["--w-bits", "8", "--a-bits", "6"])
         plans["cw-greedy bits:3"] = ("cw-greedy", ["--budget", "bits:3"])
         plans["CW-HAWQ (DDPG) bits:3"] = ("search", ["--budget", "bits:3", "--episodes", str(episodes), "--seed", "0"])
@@ -278,7 +283,7 @@ def table(variants, results, batches, info) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="resnet20,resnet18,mobilenetv2")
+    ap.add_argument("--models", default="resnet20,resnet18,mobilenetv2,vit")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_vs_ort"))
     ap.add_argument("--quick", action="store_true", help="resnet20 batch 1 only, uniform plans, 2 rounds")
     ap.add_argument("--rounds", type=int, default=5)
