@@ -93,14 +93,20 @@ def _schedule_spatial(sch, block, loops, parallel_ok: bool = True) -> None:
         sch.parallel(outer)
 
 
+def _cpu_blocks(func, target):
+    """A schedule of ``func`` and its normalised blocks; ``(None, None)`` when the function is not
+    a PrimFunc for a CPU target or its blocks cannot be normalised (the rule does not apply)."""
+    if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
+        return None, None
+    sch = s_tir.Schedule(func)
+    return sch, normalize_prim_func(sch)
+
+
 class CpuInjective(ScheduleRule):
     """Element-wise / injective functions: inline, fuse, parallel + vectorize."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = _cpu_blocks(func, target)
         if infos is None or any(not bi.is_injective() for bi in infos):
             return None
         infos = try_inline(sch, infos)
@@ -115,10 +121,7 @@ class CpuFallback(ScheduleRule):
     """Anything else (reductions, pooling, multi-block functions): parallel spatial loops."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = _cpu_blocks(func, target)
         if infos is None:
             return None
         try:
@@ -167,10 +170,7 @@ class CpuMatmul(ScheduleRule):
     PARALLEL_MACS = 1 << 15
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or "cpu" not in target.keys:
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = _cpu_blocks(func, target)
         if infos is None:
             return None
         infos = try_inline(sch, infos)
