@@ -17,6 +17,7 @@ the other ranks.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from datetime import timedelta
@@ -77,6 +78,9 @@ def init() -> bool:
                         f"{os.environ['MASTER_PORT']} as rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} "
                         f"({_first_line(e)})") from None
     _STATE.update(on=True, rank=td.get_rank(), world=td.get_world_size())
+    # Leave the group before the interpreter tears down: a gloo group whose peer stopped answering
+    # aborts the process ("terminate called without an active exception") when left to its destructor.
+    atexit.register(finish)
     return True
 
 
