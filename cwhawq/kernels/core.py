@@ -765,7 +765,7 @@ class _Epilogue:
                         T.Bind(tirx.floordiv(pix, c64(g.out_w))), T.Bind(tirx.floormod(pix, c64(g.out_w))))
                 for fo, tabs, buf in self.fused:
                     for d, val in enumerate(_quantize(T, tirx, fo, tabs, tmp[ln], ch, 1, "c")):
-                        T.buffer_store(buf, val, _fused_index(T, fo, d, r, ch, 1))
+                        T.buffer_store(buf, val, _fused_index(T, fo, d, r, ch, 1, tabs))
             return
         put_fused(T, tirx, self.fused, v, row, ch, lanes)
 
