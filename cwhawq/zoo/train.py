@@ -71,6 +71,9 @@ def main(argv=None):
     ap.add_argument("--init", default=None, help="start from these weights (a state_dict file) instead of a "
                                                  "random initialisation, e.g. a second, lower-learning-rate stage")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--augment", choices=("crop-flip", "none"), default="crop-flip",
+                    help="training-batch augmentation: random crop (pad 2) + horizontal flip, or none "
+                         "(small models that underfit, e.g. vit-fmnist)")
     args = ap.parse_args(argv)
     if args.lr is None:
         args.lr = 0.1 if args.opt == "sgd" else 1e-3
@@ -117,7 +120,7 @@ def main(argv=None):
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
             idx = idx.to(dev)
-            xb = augment(xtr[idx], gen)
+            xb = augment(xtr[idx], gen) if args.augment == "crop-flip" else xtr[idx]
             yb = ytr[idx]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
@@ -137,7 +140,7 @@ def main(argv=None):
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, out)
     print(json.dumps({"model": args.model, "test_acc": te, "val_acc": history[-1]["val_acc"],
-                      "epochs": args.epochs, "seed": args.seed, "opt": args.opt, "lr": args.lr,
+                      "epochs": args.epochs, "seed": args.seed, "opt": args.opt, "lr": args.lr, "augment": args.augment,
                       "wd": args.wd, "init": args.init, "weights": out}), flush=True)
 
 
