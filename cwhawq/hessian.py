@@ -29,7 +29,10 @@ for the whole run: only the second backward is paid per product.
 
 Stopping rule: after each probe, the standard error of every layer's trace (weights and
 activations, the sum over channels, from the per-probe samples) must be below ``tol`` times its
-magnitude; else continue until ``max_probes``. Each channel gets its own standard error.
+magnitude; else continue until ``max_probes``. Each channel gets its own standard error. A block
+(a layer's weights or its activations) that meets the rule after ``min_probes`` is finished: later
+probes leave it out (its products, or under ``ggn`` its per-sample weight squares, are not computed
+and its estimate is that of the probes it had), so the cost of the run is set by the slowest blocks.
 
 Omega_c(b) = Tr(H_c) / n_c * ||Q_b(w_c) - w_c||^2 with the per-channel weight quantizer of
 quantizers.py (n_c: elements of the channel); for activations Omega_c(b) = Tr(H_c) / n_c *
@@ -278,14 +281,18 @@ class _BatchGraph:
             g = sq * r.double() - p * (sq * r.double()).sum(1, keepdim=True)
             return (g / math.sqrt(self.n_total)).float()
 
-    def _gn_squares(self, gout: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per-channel squares of the per-sample gradients of <out, gout> (weights, activations)."""
+    def _gn_squares(self, gout: torch.Tensor, weights=None) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+        """Per-channel squares of the per-sample gradients of <out, gout> (weights, activations);
+        ``weights``: the layers whose weight squares are wanted (default all; the others get None)."""
         L = len(self.weights)
-        gouts = torch.autograd.grad(self.out, self.eps + self.layer_outputs, grad_outputs=gout, retain_graph=True)
+        want = range(L) if weights is None else sorted(weights)
+        outs = [self.layer_outputs[i] for i in want]
+        gouts = torch.autograd.grad(self.out, self.eps + outs, grad_outputs=gout, retain_graph=True)
+        wtr: list[np.ndarray | None] = [None] * L
         with torch.no_grad():
             atr = [_channel_sums(gouts[i] ** 2, "activation", self.axes[i]) for i in range(L)]
-            wtr = [_per_sample_weight_sq(self.layer_modules[i], self.acts[i], gouts[L + i], self.n_samples)
-                   for i in range(L)]
+            for j, i in enumerate(want):
+                wtr[i] = _per_sample_weight_sq(self.layer_modules[i], self.acts[i], gouts[L + j], self.n_samples)
         return wtr, atr
 
     def exact(self, tick=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -309,7 +316,7 @@ class _BatchGraph:
                 tick(k + 1, half.shape[2])
         return wtr, atr
 
-    def ggn_probe(self, r: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def ggn_probe(self, r: torch.Tensor, weights=None) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
         """Per-channel GGN trace estimates (weights, activations) from an output-space probe r [N, classes]:
         one backward pass.
 
@@ -317,9 +324,9 @@ class _BatchGraph:
         loss is a mean over N samples, hence A/N, with a factor B B^T = A/N. For each sample n,
         E_r[||(J_n^T B r)_c||^2] = Tr_c(J_n^T B B^T J_n); summed over samples that is Tr_c(GGN). The squares
         are taken per sample (the weights' per-sample gradients from the layer's output gradient and input,
-        as in :meth:`exact`), so no cross-sample products add variance.
+        as in :meth:`exact`), so no cross-sample products add variance. ``weights``: as in :meth:`_gn_squares`.
         """
-        return self._gn_squares(self.b_times(r))
+        return self._gn_squares(self.b_times(r), weights)
 
 
 def _per_sample_weight_sq(q, x: torch.Tensor, delta: torch.Tensor, n_samples: int | None = None) -> np.ndarray:
@@ -486,6 +493,7 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
             f"({scheme}; this process: {sum(hi - lo for (lo, hi), _ in shares)} samples"
             + (f", rank {dist.rank()} of {dist.world()}" if dist.active() else "") + ")")
     n_classes = num_classes(qm)
+    live = {b.index for b in blocks}   # blocks still short of the rule (the others are finished)
     with torch.enable_grad():
         for p in range(max_probes):
             est = {b.index: np.zeros(shapes[b.index]) for b in blocks}
@@ -510,11 +518,15 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
                     hvps += 1
                     if g is None:
                         continue
-                    wtr, atr = g.ggn_probe(r)
+                    wtr, atr = g.ggn_probe(r, weights=[i for i in range(L) if i in live])
                     for b in blocks:
-                        est[b.index] += (wtr[b.index] if b.kind == "weight" else atr[b.index - L]) / nb
+                        if b.index in live:
+                            est[b.index] += (wtr[b.index] if b.kind == "weight" else atr[b.index - L]) / nb
                 elif groups is not None:
                     for grp in groups:
+                        grp = [b for b in grp if b.index in live]
+                        if not grp:
+                            continue
                         vs = [draw(b, bi) for b in grp]
                         hvps += 1
                         if g is None:
@@ -525,6 +537,8 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
                             est[b.index] += _channel_sums(v * h, b.kind, axes[b.index]) / nb
                 else:
                     for b in blocks:
+                        if b.index not in live:
+                            continue
                         v_full = draw(b, bi)
                         for c in range(shapes[b.index]):
                             hvps += 1
@@ -540,16 +554,20 @@ def channel_traces(qm: QModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
                 for b in blocks:
                     est[b.index] = flat[offsets[b.index]:offsets[b.index] + shapes[b.index]]
             for i, e in est.items():
-                acc[i].add(e)
-                acc_sum[i].add(e.sum())
+                if i in live:
+                    acc[i].add(e)
+                    acc_sum[i].add(e.sum())
             probes = p + 1
-            # stopping rule on layer traces (sums over channels)
-            worst = max(float(acc_sum[i].stderr) / max(abs(float(acc_sum[i].mean)), 1e-30) for i in acc_sum)
+            # stopping rule on layer traces (sums over channels); a block that meets it is finished
+            rel = {i: float(a.stderr) / max(abs(float(a.mean)), 1e-30) for i, a in acc_sum.items()}
+            worst = max(rel.values())
+            if name != "exact" and probes >= min_probes:
+                live = {i for i in live if not rel[i] < tol}
             if progress is not None:
                 progress(probes, worst)
             if log is not None and name != "exact" and (probes % every == 0 or probes == max_probes):
                 log(f"  probe {probes}/{max_probes}: worst layer rel. stderr {worst:.3g} (tol {tol:g}), "
-                    f"{time.time() - t0:.1f} s")
+                    f"{len(live)} of {len(blocks)} blocks left, {time.time() - t0:.1f} s")
             stop = 1 if (probes >= min_probes and worst < tol) or name == "exact" else 0
             if not stop and time_limit is not None and time.time() - t0 > time_limit:
                 stop = 2
