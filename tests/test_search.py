@@ -322,7 +322,8 @@ def test_latency_aware_search_measures_the_final_plan(setup, tmp_path):
         assert lat[k] > 0, k
     assert lat["measured_ratio"] == pytest.approx(lat["measured_s"] / lat["measured_fp32_s"])
     assert lat["rel_error"] == pytest.approx(lat["predicted_s"] / lat["measured_s"] - 1)
-    assert lat["predicted_ratio"] == pytest.approx(lat["predicted_s"] / lat["table_fp32_s"])
+    assert lat["table_ratio"] == pytest.approx(lat["predicted_s"] / lat["table_fp32_s"])
+    assert lat["predicted_ratio"] <= lat["table_ratio"] + 1e-12   # the floor only raises the sum
     plan = load_plan(str(d / "s.json"))
     assert plan.meta["latency"] == lat and plan.metrics["size_ratio"] <= 0.2 + 1e-12
     assert (d / "s.so").is_file() and (d / "s.manifest.json").is_file() and (d / "s.latency.json").is_file()

@@ -423,10 +423,10 @@ class _Search:
             lat = {"predicted_ratio": self.lat_cost.exact(plan)}
             if table is not None:
                 # predicted_ratio is the figure the budget was enforced on (the table's separable sum);
-                # table_ratio the table's whole-model prediction, floored at its slowest layer alone,
-                # which differs from it only where measurement noise put the sum below that floor
-                ratio = lat["predicted_ratio"]
-                lat.update(predicted_s=ratio * table.fp32_seconds, table_ratio=table.ratio(plan),
+                # predicted_s and table_ratio are the table's whole-model prediction, floored at its
+                # slowest layer alone: they differ from it only where measurement noise put the sum
+                # below that floor (a tiny model on a fast CPU: the sum can even be negative)
+                lat.update(predicted_s=table.predict(plan), table_ratio=table.ratio(plan),
                            table_fp32_s=table.fp32_seconds, target=table.data["target"]["name"],
                            batch=table.data["batch"], where=table.data["where"])
             plan.meta["latency"] = lat
