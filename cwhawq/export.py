@@ -14,7 +14,9 @@ Each quantized layer's Conv/Gemm/MatMul node is then found by its weight initial
     [Gather L/unperm]   (restores the original channel order unless folded, see below)
 
 The activation quantizer's axis is the layer's input-channel axis at the input's rank: 1 for Conv and
-Gemm, r - 1 (the features) for MatMul.
+Gemm, r - 1 (the features) for MatMul. With ``--act-scale migrate`` the DequantizeLinear's scale is the
+layer's base scale S for every channel (``L.act.dq_scale``) while the QuantizeLinear keeps S 2^k_c: the
+exponents are in the weight codes (which quantize w * 2^k_c, see :mod:`cwhawq.quantizers`).
 
 Undoing the permutation costs nothing when the layer's output reaches exactly one quantized layer
 through channel-wise operators (ReLU, pooling, flatten, per-channel constant Add/Mul, BatchNorm, ...):
@@ -646,12 +648,17 @@ def _emit_layer(L: _Layer, fmt: str, sens_entry) -> tuple[list, list, dict]:
     zdt = np.int8 if st.a_signed else np.uint8
     inits += [_const(f"{name}.act.lo", (s * lo).reshape(bshape)), _const(f"{name}.act.hi", (s * hi).reshape(bshape)),
               _const(f"{name}.act.scale", s), _const(f"{name}.act.zero_point", np.zeros(C, zdt))]
+    dq_scale = f"{name}.act.scale"
+    if st.w_exponents is not None:
+        # migrate: the codes of scale S 2^k_c are dequantized with S alone; the weights carry the 2^k_c
+        dq_scale = f"{name}.act.dq_scale"
+        inits.append(_const(dq_scale, np.full(C, np.float32(st.a_params["base_scale"]), np.float32)))
     nodes += [
         helper.make_node("Max", [x, f"{name}.act.lo"], [f"{name}.act.max"], name=f"{name}/act_max"),
         helper.make_node("Min", [f"{name}.act.max", f"{name}.act.hi"], [f"{name}.act.min"], name=f"{name}/act_min"),
         helper.make_node("QuantizeLinear", [f"{name}.act.min", f"{name}.act.scale", f"{name}.act.zero_point"],
                          [f"{name}.act.q"], name=f"{name}/act_q", axis=axis),
-        helper.make_node("DequantizeLinear", [f"{name}.act.q", f"{name}.act.scale", f"{name}.act.zero_point"],
+        helper.make_node("DequantizeLinear", [f"{name}.act.q", dq_scale, f"{name}.act.zero_point"],
                          [f"{name}.act.dq"], name=f"{name}/act_dq", axis=axis),
     ]
     # ---- weights: permuted output channels, one initializer + DQ per bit group

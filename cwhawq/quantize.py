@@ -6,7 +6,8 @@ What it computes is what the exported ONNX graph and the compiled kernels comput
 - activations: the input of every quantized layer, per channel (a conv: axis 1; a Linear: its input
   features, the last axis, at any rank: graph.act_axis), at the channel's bits, with ranges
   calibrated once on the float model (``minmax``: max |x| per channel; ``percentile``: the 99.99th
-  percentile of |x|) and the ``pow2`` scale representation (or ``free`` per-channel scales).
+  percentile of |x|) and the ``pow2`` scale representation (or ``migrate``: the same codes with the
+  exponents moved into the weights before they are quantized; or ``free`` per-channel scales).
 
 Quantizing a plan reuses a :class:`Quantizer` that caches, per layer and bit-width, the fake-quantized
 weights of every channel, so applying a new plan is a gather (no per-batch re-quantization).
@@ -48,12 +49,26 @@ class ActQuant(nn.Module):
         return torch.clamp(v, self.lo, self.hi) * self.s
 
 
-class WeightQuant(nn.Module):
-    """Fake-quantized weight: frozen tensor at inference; STE with fixed scales while fine-tuning."""
+def _in_factor(exponents, ndim: int, sign: int) -> torch.Tensor | None:
+    """``2^(sign * k_c)`` shaped to multiply a weight along its input-channel axis (1), or None."""
+    if exponents is None:
+        return None
+    shape = (1, -1) + (1,) * (ndim - 2)
+    return torch.from_numpy(np.exp2(sign * np.asarray(exponents, np.float64)).astype(np.float32)).view(shape)
 
-    def __init__(self, fq: torch.Tensor, scales: np.ndarray, qmax: np.ndarray):
+
+class WeightQuant(nn.Module):
+    """Fake-quantized weight: frozen tensor at inference; STE with fixed scales while fine-tuning.
+
+    ``fq`` is the dequantized weight the codes stand for; with ``exponents`` (``migrate`` activation
+    scales) those codes quantize ``w * 2^k`` along the input channels, and the layer uses
+    ``fq * 2^-k`` (exact: powers of two)."""
+
+    def __init__(self, fq: torch.Tensor, scales: np.ndarray, qmax: np.ndarray, exponents=None):
         super().__init__()
-        self.fq = fq
+        self.mult = _in_factor(exponents, fq.dim(), 1)
+        self.inv = _in_factor(exponents, fq.dim(), -1)
+        self.fq = fq if self.inv is None else fq * self.inv
         shape = (-1,) + (1,) * (fq.dim() - 1)
         self.register_buffer("s", torch.from_numpy(np.asarray(scales, np.float32)).view(shape))
         self.register_buffer("m", torch.from_numpy(np.asarray(qmax, np.float32)).view(shape))
@@ -62,9 +77,22 @@ class WeightQuant(nn.Module):
     def forward(self, w):
         if not self.train_mode:
             return self.fq
-        v = w / self.s
+        v = (w if self.mult is None else w * self.mult) / self.s
         v = v + (torch.round(v) - v).detach()
-        return torch.clamp(v, -self.m, self.m) * self.s
+        out = torch.clamp(v, -self.m, self.m) * self.s
+        return out if self.inv is None else out * self.inv
+
+
+def weight_hook(st: "LayerQuantState") -> WeightQuant:
+    """The fake quantizer of a layer's weight from its state (codes, scales, migrated exponents)."""
+    fq = torch.from_numpy(Q.dequantize_weight(st.w_codes, st.w_scales))
+    qmax = np.array([Q.qrange(int(b), True)[1] for b in st.w_bits], np.float32)
+    return WeightQuant(fq, st.w_scales, qmax, st.w_exponents)
+
+
+def quantized_weight_input(st: "LayerQuantState", w: np.ndarray) -> np.ndarray:
+    """What a layer's weight codes quantize: ``w``, or ``w * 2^k`` along the input channels."""
+    return w if st.w_exponents is None else Q.migrate_weight(w, st.w_exponents)
 
 
 @dataclass
@@ -82,6 +110,7 @@ class LayerQuantState:
     a_qmin: np.ndarray
     a_qmax: np.ndarray
     a_params: dict            # scale representation (pow2: base_scale, exponents)
+    w_exponents: np.ndarray | None = None   # migrate: the codes quantize w * 2^k (input channels)
 
 
 def calibrate_ranges(qm: QModel, calib: Dataset, method: str = "minmax", batch_size: int = 256,
@@ -148,11 +177,15 @@ class Quantizer:
         self._wcache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.bit_set = tuple(bit_set)
 
-    def weight_for(self, name: str, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scales [out], codes int8) of every output channel of a layer at ``b`` bits."""
-        key = (name, int(b))
+    def weight_for(self, name: str, b: int, exponents=None) -> tuple[np.ndarray, np.ndarray]:
+        """(scales [out], codes int8) of every output channel of a layer at ``b`` bits (of
+        ``w * 2^exponents`` along the input channels when given)."""
+        ek = None if exponents is None else np.asarray(exponents, np.int32).tobytes()
+        key = (name, int(b), ek)
         if key not in self._wcache:
             w = self.qm.layer(name).weight.detach().numpy()
+            if exponents is not None:
+                w = Q.migrate_weight(w, exponents)
             s = Q.weight_scales(w, b, self.weight_method)
             self._wcache[key] = (s, Q.quantize_weight(w, b, s))
         return self._wcache[key]
@@ -162,19 +195,24 @@ class Quantizer:
         w_bits = np.asarray(w_bits, dtype=np.int64)
         a_bits = np.asarray(a_bits, dtype=np.int64)
         w = q.weight.detach().numpy()
-        scales = np.empty(w.shape[0], np.float32)
-        codes = np.empty(w.shape, np.int8)
-        for b in np.unique(w_bits):
-            s_b, c_b = self.weight_for(name, int(b))
-            idx = w_bits == b
-            scales[idx] = s_b[idx]
-            codes[idx] = c_b[idx]
         signed = self.signed[name]
         rng = self.ranges[name]["range"]
         a_scales, params = Q.act_scales(rng, a_bits, signed, self.act_scale)
         lo, hi = Q.act_bounds(a_scales, a_bits, signed)
+        exps = None
+        if params.get("mode") == "migrate" and q.kind != "depthwise" and w.shape[1] == len(a_scales):
+            exps = np.asarray(params["exponents"], np.int32)
+            if not exps.any():
+                exps = None     # nothing to migrate
+        scales = np.empty(w.shape[0], np.float32)
+        codes = np.empty(w.shape, np.int8)
+        for b in np.unique(w_bits):
+            s_b, c_b = self.weight_for(name, int(b), exps)
+            idx = w_bits == b
+            scales[idx] = s_b[idx]
+            codes[idx] = c_b[idx]
         bias = q.bias.detach().numpy().copy() if q.bias is not None else None
-        return LayerQuantState(name, w_bits, scales, codes, bias, a_bits, signed, a_scales, lo, hi, params)
+        return LayerQuantState(name, w_bits, scales, codes, bias, a_bits, signed, a_scales, lo, hi, params, exps)
 
     def apply(self, plan: Plan) -> "QuantizedModel":
         """Install the plan's quantizers on the model (in place) and return the simulated model."""
@@ -183,9 +221,7 @@ class Quantizer:
             lp = plan[info.name]
             st = self.layer_state(info.name, lp.w_bits, lp.a_bits)
             q = self.qm.layer(info.name)
-            fq = torch.from_numpy(Q.dequantize_weight(st.w_codes, st.w_scales))
-            qmax = np.array([Q.qrange(int(b), True)[1] for b in st.w_bits], np.float32)
-            q.wq = WeightQuant(fq, st.w_scales, qmax)
+            q.wq = weight_hook(st)
             ndim = None if info.kind == "linear" else len(info.in_shape) + 1
             q.act = ActQuant(st.a_scales, st.a_qmin, st.a_qmax, ndim)
             states[info.name] = st
@@ -204,9 +240,9 @@ class QuantizedModel:
         """Recompute codes and fake-quantized weights from the (fine-tuned) float weights, scales fixed."""
         for name, st in self.states.items():
             q = self.module.layer(name)
-            w = q.weight.detach().numpy()
+            w = quantized_weight_input(st, q.weight.detach().numpy())
             st.w_codes = Q.quantize_weight(w, st.w_bits, st.w_scales)
-            q.wq.fq = torch.from_numpy(Q.dequantize_weight(st.w_codes, st.w_scales))
+            q.wq = weight_hook(st)
             if q.bias is not None:
                 st.bias = q.bias.detach().numpy().copy()
 

@@ -27,6 +27,17 @@ Activations
     small that a wide channel needs more shift than that, S is raised instead (the narrow channel then
     gets a coarser grid, never the wide one a clipped range). ``free`` keeps each channel's float scale
     (reported as the upper bound of what per-channel activation scales can give).
+
+    ``migrate``: the same codes as ``pow2`` (``q_c = round(x_c / (S 2^k_c))``), but the exponents
+    move into the consumer's weights before they are quantized (SmoothQuant-style, exact in float
+    because the factors are powers of two): ``x_c ~= S 2^k_c q_c``, so
+    ``w[o, c] x_c ~= (w[o, c] 2^k_c) (S q_c)``; the migrated row ``w'[o, :] = w[o, :] * 2^k`` is
+    quantized per output channel at its bits, and the activation integers are the codes themselves,
+    one 8-bit digit in the kernels (``pow2`` needs up to 15 bits for ``q << k``). What it costs: the
+    weights of an output channel share one scale across input channels whose activations differ by
+    up to 2^k in scale (docs/results.md measures the accuracy). Depthwise layers have one input
+    channel per output channel: there the factor is absorbed by the channel's own weight scale and
+    nothing changes.
 """
 from __future__ import annotations
 
@@ -147,13 +158,24 @@ def act_pow2_scales(ranges: np.ndarray, bits, signed: bool) -> tuple[float, np.n
 
 def act_scales(ranges: np.ndarray, bits, signed: bool, mode: str = "pow2") -> tuple[np.ndarray, dict]:
     """Per-channel activation scales (float32) and the representation's parameters."""
-    if mode == "pow2":
+    if mode in ("pow2", "migrate"):
         base, k = act_pow2_scales(ranges, bits, signed)
         s = (np.float32(base) * np.exp2(k).astype(np.float32)).astype(np.float32)
-        return s, {"mode": "pow2", "base_scale": float(np.float32(base)), "exponents": k.tolist()}
+        return s, {"mode": mode, "base_scale": float(np.float32(base)), "exponents": k.tolist()}
     if mode == "free":
         return act_free_scales(ranges, bits, signed), {"mode": "free"}
-    raise ValueError(f"unknown activation scale mode {mode!r} (pow2 or free)")
+    raise ValueError(f"unknown activation scale mode {mode!r} ({', '.join(ACT_SCALE_MODES)})")
+
+
+ACT_SCALE_MODES = ("pow2", "migrate", "free")
+
+
+def migrate_weight(w: np.ndarray, exponents) -> np.ndarray:
+    """``w[o, c, ...] * 2^k_c`` (the weight a ``migrate`` layer quantizes), float32."""
+    w = np.asarray(w, np.float32)
+    shape = [1] * w.ndim
+    shape[1] = -1
+    return (w * np.exp2(np.asarray(exponents, np.float64)).astype(np.float32).reshape(shape)).astype(np.float32)
 
 
 def act_bounds(scales: np.ndarray, bits, signed: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -112,12 +112,17 @@ def _rect_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
 class SoftRoundWeight(nn.Module):
     """The weight hook while learning: per-channel scale and range fixed, rounding variables learned."""
 
-    def __init__(self, w: torch.Tensor, scales: np.ndarray, qmax: np.ndarray):
+    def __init__(self, w: torch.Tensor, scales: np.ndarray, qmax: np.ndarray, exponents=None):
         super().__init__()
+        from .quantize import _in_factor
+
         shape = (-1,) + (1,) * (w.dim() - 1)
         s = torch.from_numpy(np.asarray(scales, np.float32)).view(shape)
         m = torch.from_numpy(np.asarray(qmax, np.float32)).view(shape)
-        v = w.detach() / s
+        # migrate: the codes quantize w * 2^k along the input channels; the layer uses them * 2^-k
+        self.inv = _in_factor(exponents, w.dim(), -1)
+        mult = _in_factor(exponents, w.dim(), 1)
+        v = (w.detach() if mult is None else w.detach() * mult) / s
         fl = torch.floor(v)
         rest = (v - fl).clamp(0.0, 1.0)
         self.register_buffer("s", s)
@@ -133,7 +138,8 @@ class SoftRoundWeight(nn.Module):
 
     def forward(self, w):
         r = (self.alpha >= 0).to(self.floor.dtype) if self.hard else self.h()
-        return torch.clamp(self.floor + r, -self.m, self.m) * self.s
+        out = torch.clamp(self.floor + r, -self.m, self.m) * self.s
+        return out if self.inv is None else out * self.inv
 
     def reg(self, beta: float) -> torch.Tensor:
         return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
@@ -425,14 +431,11 @@ def _cache_key(sim, x: torch.Tensor, cfg: RoundingConfig) -> str:
 
 
 def _install_codes(sim, name: str, codes: np.ndarray) -> None:
-    from . import quantizers as Q
-    from .quantize import WeightQuant
+    from .quantize import weight_hook
 
     st = sim.states[name]
     st.w_codes = np.asarray(codes, np.int8)
-    q = sim.module.layer(name)
-    qmax = np.array([Q.qrange(int(b), True)[1] for b in st.w_bits], np.float32)
-    q.wq = WeightQuant(torch.from_numpy(Q.dequantize_weight(st.w_codes, st.w_scales)), st.w_scales, qmax)
+    sim.module.layer(name).wq = weight_hook(st)
 
 
 def _train_unit(unit, layers, soft, acts, cfg, gen, inp_q, inp_fp, y_fp, bar, tag) -> None:
@@ -538,7 +541,7 @@ def learn_rounding(sim, calib, cfg: RoundingConfig | None = None, progress: bool
             for n, q in layers.items():
                 st = sim.states[n]
                 qmax = np.array([Q.qrange(int(b), True)[1] for b in st.w_bits], np.float32)
-                soft[n] = SoftRoundWeight(q.weight, st.w_scales, qmax)
+                soft[n] = SoftRoundWeight(q.weight, st.w_scales, qmax, st.w_exponents)
                 q.wq = soft[n]
             acts = {n: q.act for n, q in layers.items()}
             gen = torch.Generator().manual_seed(int(cfg.seed) * 1000003 + ui)
@@ -588,6 +591,8 @@ def learn_rounding(sim, calib, cfg: RoundingConfig | None = None, progress: bool
 
 def _nearest_codes(sim, name: str) -> np.ndarray:
     from . import quantizers as Q
+    from .quantize import quantized_weight_input
 
     st = sim.states[name]
-    return Q.quantize_weight(sim.module.layer(name).weight.detach().numpy(), st.w_bits, st.w_scales)
+    w = quantized_weight_input(st, sim.module.layer(name).weight.detach().numpy())
+    return Q.quantize_weight(w, st.w_bits, st.w_scales)

@@ -152,6 +152,39 @@ def test_mixed_842_in_one_layer(tmp_path, tiny):
         assert _check_vs_sim(out, qm, tiny[1][:n].numpy()) <= REL_TOL
 
 
+def test_migrated_activation_exponents(tmp_path, tiny):
+    """--act-scale migrate: QuantizeLinear keeps S 2^k_c, DequantizeLinear reads S, the weight codes
+    quantize w * 2^k_c (depthwise layers unchanged); onnxruntime = simulation (learned rounding)."""
+    loaded, calib = _tiny_loaded(tiny), _calib()
+    infos = canonicalize(tiny[0], (2, 5, 5)).layer_infos
+    plan = _mixed_plan(infos, w_cycle=(8, 4, 2), a_cycle=(8,))
+    out = tmp_path / "tiny_mig.onnx"
+    rep = export_onnx(loaded, plan, out, data=calib, act_scale="migrate")
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m, full_check=True)
+    nodes, inits = _nodes(m), _inits(m)
+    migrated = 0
+    for i in infos:
+        meta = _meta(nodes[i.name])
+        assert meta["cwhawq.a_scale_mode"] == "migrate"
+        k = np.asarray(json.loads(meta["cwhawq.a_exponents"]))
+        qs = numpy_helper.to_array(inits[nodes[f"{i.name}/act_q"].input[1]])
+        dq_name = nodes[f"{i.name}/act_dq"].input[1]
+        if i.kind == "depthwise" or not k.any():
+            assert dq_name == f"{i.name}.act.scale"
+            continue
+        migrated += 1
+        assert dq_name == f"{i.name}.act.dq_scale"
+        ds = numpy_helper.to_array(inits[dq_name])
+        np.testing.assert_array_equal(ds, np.full_like(ds, float(json.loads(meta["cwhawq.a_base_scale"]))))
+        assert len(set(qs.tolist())) > 1     # the QuantizeLinear keeps the per-channel exponents
+    assert migrated >= 2
+    qm = api.simulate_plan(loaded, plan, calib, act_scale="migrate", rounding="learned")[0]
+    for n in (1, 8):
+        assert _check_vs_sim(out, qm, tiny[1][:n].numpy()) <= REL_TOL
+    assert rep["verify"]["rel_diff"] <= REL_TOL
+
+
 def test_int8_container(tmp_path, tiny):
     loaded, calib = _tiny_loaded(tiny), _calib()
     infos = canonicalize(tiny[0], (2, 5, 5)).layer_infos

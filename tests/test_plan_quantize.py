@@ -130,6 +130,42 @@ def test_act_fake_quant_equals_numpy_reference(setup):
     np.testing.assert_array_equal(layer.act(x).numpy(), ref)
 
 
+def test_migrated_exponents_simulation(setup):
+    """act_scale="migrate": the same activation codes as pow2; the weight codes quantize w * 2^k_c
+    per output channel, the layer computes S * sum_c q_w'[o, c] q_c (one 8-bit integer per input);
+    depthwise layers are unchanged; fine-tuning and learned rounding keep the migrated codes."""
+    qm, ds = setup
+    p = uniform_plan(qm.layer_infos, 4, 8)
+    p["conv"].w_bits = [8, 4, 2]
+    pow2 = Quantizer(qm, ds).apply(p)
+    ref_states = {n: (st.a_scales.copy(), st.w_codes.copy()) for n, st in pow2.states.items()}
+    sim = Quantizer(qm, ds, act_scale="migrate").apply(p)
+    st = sim.states["fc"]
+    k = np.asarray(st.a_params["exponents"])
+    assert st.a_params["mode"] == "migrate" and k.any() and np.array_equal(st.w_exponents, k)
+    np.testing.assert_array_equal(st.a_scales, ref_states["fc"][0])
+    assert sim.states["dw"].w_exponents is None
+    np.testing.assert_array_equal(sim.states["dw"].w_codes, ref_states["dw"][1])
+    w = qm.layer("fc").weight.detach().numpy()
+    np.testing.assert_array_equal(st.w_codes, Q.quantize_weight(w * np.exp2(k)[None, :], st.w_bits, st.w_scales))
+    captured = {}
+    fc = qm.layer("fc")
+    act = fc.act
+    fc.act = lambda x: (captured.__setitem__("x", x) or act(x))
+    with torch.no_grad():
+        out = qm(torch.from_numpy(ds.x[:16]))
+    fc.act = act
+    xin = captured["x"].numpy().astype(np.float64)
+    q = np.clip(np.round(xin / st.a_scales), st.a_qmin, st.a_qmax).astype(np.int64)
+    assert np.abs(q).max() <= 255          # the integers are the codes, no shift
+    acc = (st.w_codes.astype(np.int64) @ q.T).T
+    ref = acc * st.w_scales.astype(np.float64) * st.a_params["base_scale"] + st.bias
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+    finetune(sim, ds, epochs=1, max_steps=2)
+    w = qm.layer("fc").weight.detach().numpy()
+    np.testing.assert_array_equal(st.w_codes, Q.quantize_weight(w * np.exp2(k)[None, :], st.w_bits, st.w_scales))
+
+
 def test_free_scales_option(setup):
     qm, ds = setup
     sim = Quantizer(qm, ds, act_scale="free").apply(uniform_plan(qm.layer_infos, 8, 8))

@@ -58,10 +58,11 @@ class _Builder:
         return n
 
     def qlayer(self, name, x, kind, w, b, w_bits, a_bits, a_signed, ranges, conv_attrs=None, perm_fold=False,
-               act_axis=None):
+               act_axis=None, migrate=False):
         """One quantized layer; returns the output tensor name (original channel order). ``kind``
         "token": a Linear on [B, T, K] (MatMul on the transposed weights + Add, activation
-        quantizer per feature on axis 2; ``act_axis`` overrides that axis)."""
+        quantizer per feature on axis 2; ``act_axis`` overrides that axis). ``migrate``: the
+        exporter's ``--act-scale migrate`` (DequantizeLinear scale S, weights quantized as w * 2^k)."""
         cin_axis_shape = {"linear": (1, -1), "token": (1, 1, -1)}.get(kind, (1, -1, 1, 1))
         qaxis = {"token": 2}.get(kind, 1) if act_axis is None else act_axis
         if act_axis is not None:
@@ -76,7 +77,10 @@ class _Builder:
         t = self.node("Max", [x, lo], name=f"{name}/act_max").output[0]
         t = self.node("Min", [t, hi], name=f"{name}/act_min").output[0]
         t = self.node("QuantizeLinear", [t, sc, zp], name=f"{name}/act_q", axis=qaxis).output[0]
-        xin = self.node("DequantizeLinear", [t, sc, zp], name=f"{name}/act_dq", axis=qaxis).output[0]
+        dsc = self._t(np.full(len(s), S, np.float32), f"{name}.act_dq_scale") if migrate else sc
+        xin = self.node("DequantizeLinear", [t, dsc, zp], name=f"{name}/act_dq", axis=qaxis).output[0]
+        if migrate:
+            w = qz.migrate_weight(w, k)
         w_bits = np.asarray(w_bits)
         ws = qz.weight_scales(w, w_bits)
         codes = qz.quantize_weight(w, w_bits, ws)
@@ -407,6 +411,49 @@ def test_clip_fuses_into_the_layer(tmp, backend, quantized):
         # fp32: the two reductions add in different orders (terms of up to ~100 here)
         assert float(np.abs(ys[0] - refs[0]).max()) <= (1e-5 if quantized else 2e-6 * float(np.abs(xin).max())) * 6
         _close(ys[1], refs[1], rel=1e-3 if quantized else 1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "int8-container"])
+def test_migrated_exponents_run_one_digit(tmp, backend, fmt):
+    """``--act-scale migrate`` graphs (QuantizeLinear at S 2^k_c, DequantizeLinear at S, weights
+    quantized as w * 2^k_c): every 8-bit activation is one 8-bit digit, no exponent classes, and the
+    compiled model equals onnxruntime, also on inputs far outside the calibrated range; a fused
+    producer writes its migrated consumer's operand, mixed weight bits, signed and unsigned inputs,
+    a depthwise consumer (not migrated) and a dense head."""
+    bld = _Builder(fmt, 11)
+    rng = bld.rng
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])
+    wide = rng.uniform(0.2, 40.0, 8)        # 8 channels spanning several exponents
+    w1 = rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * 0.1
+    t = bld.qlayer("conv1", "x", "conv", w1, rng.normal(size=16).astype(np.float32) * 0.1, _bits(rng, 16),
+                   np.full(8, 8), True, wide, {"pads": [1, 1, 1, 1]}, migrate=True)
+    t = bld.node("Relu", [t], name="relu1").output[0]
+    w2 = rng.normal(size=(24, 16, 1, 1)).astype(np.float32) * 0.2
+    t = bld.qlayer("conv2", t, "conv", w2, rng.normal(size=24).astype(np.float32) * 0.1, _bits(rng, 24),
+                   np.full(16, 8), False, rng.uniform(0.5, 30.0, 16), migrate=True)
+    t = bld.node("Relu", [t], name="relu2").output[0]
+    wd = rng.normal(size=(24, 1, 3, 3)).astype(np.float32) * 0.3
+    t = bld.qlayer("dw", t, "conv", wd, rng.normal(size=24).astype(np.float32) * 0.1, np.full(24, 8),
+                   np.full(24, 8), False, rng.uniform(0.5, 30.0, 24), {"pads": [1, 1, 1, 1], "group": 24})
+    t = bld.node("GlobalAveragePool", [t], name="gap").output[0]
+    t = bld.node("Flatten", [t], name="flat").output[0]
+    wf = rng.normal(size=(10, 24)).astype(np.float32) * 0.3
+    bld.qlayer("fc", t, "linear", wf, rng.normal(size=10).astype(np.float32) * 0.1, _bits(rng, 10),
+               np.full(24, 8), True, rng.uniform(0.5, 20.0, 24), migrate=True)
+    y = helper.make_tensor_value_info(bld.nodes[-1].output[0], TensorProto.FLOAT, ["N", 10])
+    m = bld.model([x], [y])
+    p = tmp / f"migrate_{fmt}.onnx"
+    onnx.save(m, str(p))
+    res = backend.compile_model(p, "llvm", tmp / f"migrate_{fmt}.so")
+    low = {s["layer"]: s for s in res.report["lowered"]}
+    assert set(low) == {"conv1", "conv2", "dw", "fc"}, res.report.get("fallbacks")
+    for name in ("conv1", "conv2", "fc"):
+        assert low[name]["mode"] == "int" and low[name]["kernel"]["exponent_classes"] is None, low[name]
+        assert low[name]["act"]["digits"] == 1, low[name]
+    art = backend.load_artifact(res.artifact)
+    for xin in (rng.normal(size=(2, 8, 6, 6)).astype(np.float32) * 5, rng.normal(size=(1, 8, 6, 6)).astype(np.float32) * 500,
+                np.zeros((1, 8, 6, 6), np.float32)):
+        _close(art.run({"x": xin})[0], ort_run(m, {"x": xin})[0], rel=1e-3)
 
 
 TOKEN_LAYERS = {"attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc1", "mlp.fc2"}

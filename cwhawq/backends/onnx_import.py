@@ -293,7 +293,15 @@ def _match_act(gr: OnnxGraph, name: str, channels: int, chan_axis_ok):
     sd = gr.const(dq.input[1])
     zq = gr.const(q.input[2]) if len(q.input) > 2 and q.input[2] else None
     zd = gr.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-    if sq is None or sd is None or not np.array_equal(np.asarray(sq, np.float32), np.asarray(sd, np.float32)):
+    if sq is None or sd is None:
+        return name, None, []
+    sd_f = np.asarray(sd, np.float32).reshape(-1)
+    if sd_f.size not in (1, channels):
+        return name, None, []
+    # a DequantizeLinear scale other than the QuantizeLinear's: the exponents migrated into the
+    # weights (export --act-scale migrate); ActQuant.build accepts it on a power-of-two grid only
+    dq_scale = None if np.array_equal(np.asarray(sq, np.float32), np.asarray(sd, np.float32)) else sd_f
+    if sd_f.size != 1 and not chan_axis_ok(int(dqa.get("axis", 1))):
         return name, None, []
     zq_i = _int_array(zq) if zq is not None else np.zeros(1, np.int64)
     zd_i = _int_array(zd) if zd is not None else np.zeros(1, np.int64)
@@ -350,7 +358,7 @@ def _match_act(gr: OnnxGraph, name: str, channels: int, chan_axis_ok):
     if np.any(lo > hi):
         return name, None, []
     try:
-        act = ActQuant.build(s_full, z_full, lo, hi, channels)
+        act = ActQuant.build(s_full, z_full, lo, hi, channels, dq_scale=dq_scale)
     except ValueError:
         return name, None, []
     return src, act, absorbed
@@ -485,6 +493,8 @@ class _Lowerer:
                 return "bias is not per output channel"
             bias = b.reshape(-1)
         source, act, absorbed = _match_act(gr, node.input[0], channels, act_axis_ok)
+        if act is not None and act.dq_scale is not None and kind == "depthwise":
+            source, act, absorbed = node.input[0], None, []  # the depthwise kernel dequantizes with one scale
         if act is not None and wsrc[0] == "fp32":
             source, act, absorbed = node.input[0], None, []  # fp32 kernels take the dequantized input
         if len(self.gr.consumers.get(node.output[0], [])) == 0 and node.output[0] not in gr.outputs:

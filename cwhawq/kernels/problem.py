@@ -37,6 +37,12 @@ class ActQuant:
     ``q = clip(nearbyint(x / scale) + zero_point, qmin, qmax)``, dequantized ``(q - zero_point) * scale``.
     When every scale is ``base_scale * 2^shift`` (``shift`` >= 0 integers) the layer has a common
     integer grid and the integer kernels apply; otherwise ``shift`` is None.
+
+    ``dq_scale`` (None: the same as ``scale``) is the DequantizeLinear's scale when it differs from
+    the QuantizeLinear's: the codes come from ``scale``, the layer reads ``(q - zero_point) *
+    dq_scale``. The exporter's ``migrate`` activation scales write ``dq_scale = S`` for every channel
+    (the exponents of ``scale = S * 2^k`` moved into the consumer's weights), so the integer grid is
+    that of ``dq_scale`` and 8-bit codes stay one 8-bit digit. Only integer grids are accepted then.
     """
 
     scale: np.ndarray       # float32 [C]
@@ -45,32 +51,44 @@ class ActQuant:
     qmax: np.ndarray        # int32 [C]
     shift: np.ndarray | None = None
     base_scale: float | None = None
+    dq_scale: np.ndarray | None = None   # float32 [C], when the dequantization scale differs
 
     @classmethod
-    def build(cls, scale, zero_point, qmin, qmax, channels: int) -> "ActQuant":
-        """Broadcast per-tensor values to ``channels`` and detect the power-of-two grid."""
+    def build(cls, scale, zero_point, qmin, qmax, channels: int, dq_scale=None) -> "ActQuant":
+        """Broadcast per-tensor values to ``channels`` and detect the power-of-two grid (of the
+        dequantization scale)."""
         def bc(a, dtype):
             return np.ascontiguousarray(np.broadcast_to(np.asarray(a).astype(dtype), (channels,)))
 
         s = bc(scale, np.float32)
-        if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        sd = s if dq_scale is None else bc(dq_scale, np.float32)
+        if not np.all(np.isfinite(s)) or np.any(s <= 0) or not np.all(np.isfinite(sd)) or np.any(sd <= 0):
             raise ValueError("activation scales must be positive and finite")
         zp, lo, hi = bc(zero_point, np.int64), bc(qmin, np.int64), bc(qmax, np.int64)
         if np.any(lo > hi):
             raise ValueError("empty activation code range")
-        base = np.float32(s.min())
-        ratio = s.astype(np.float64) / float(base)
+        base = np.float32(sd.min())
+        ratio = sd.astype(np.float64) / float(base)
         k = np.round(np.log2(ratio)).astype(np.int64)
         exact = np.all(k >= 0) and np.all(k <= 15) and np.array_equal(
-            (base * np.exp2(k).astype(np.float32)).astype(np.float32), s)
+            (base * np.exp2(k).astype(np.float32)).astype(np.float32), sd)
         act = cls(s, zp.astype(np.int32), lo.astype(np.int32), hi.astype(np.int32))
+        if dq_scale is not None and not np.array_equal(sd, s):
+            act.dq_scale = sd
         if exact:
             act.shift = k.astype(np.int32)
             act.base_scale = float(base)
             vmin, vmax = act.value_range()
             if vmin < -32768 or vmax > 32767:  # not an int16: float path
                 act.shift, act.base_scale = None, None
+        if act.dq_scale is not None and act.shift is None:
+            raise ValueError("a dequantization scale other than the quantization scale needs a power-of-two grid")
         return act
+
+    @property
+    def dequant_scale(self) -> np.ndarray:
+        """The scale the layer's input is dequantized with (float32 [C])."""
+        return self.scale if self.dq_scale is None else self.dq_scale
 
     @property
     def channels(self) -> int:
@@ -141,7 +159,7 @@ class ActQuant:
         shape = [1] * x.ndim
         shape[axis] = -1
         q = self.codes(x, axis) - self.zero_point.reshape(shape)
-        return (q.astype(np.float32) * self.scale.reshape(shape)).astype(np.float32)
+        return (q.astype(np.float32) * self.dequant_scale.reshape(shape)).astype(np.float32)
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """Kernel tables: float32 [1, C] (scale) and int32 [4, C] (zp, qmin, qmax, shift)."""
