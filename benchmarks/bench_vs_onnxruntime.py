@@ -4,7 +4,9 @@ Models: zoo:resnet20-fmnist (batch 1 and 16): onnxruntime fp32 and int8, cwhawq 
 kernels), uniform W8A8, W4A8, W8A6, the cw-greedy and the DDPG (CW-HAWQ search) plans at bits:3;
 ResNet-18 and MobileNetV2 at 1x3x224x224 (benchmarks/_archs.py, seeded random weights and BatchNorm
 statistics), batch 1: onnxruntime fp32 and int8, cwhawq fp32, W8A8, W4A8; zoo:vit-fmnist (batch 1):
-the same rows and the cw-greedy plans at bits:4 and bits:3.
+the same rows and the cw-greedy plans at bits:4 and bits:3. Every plan with 8-bit activations is also
+exported with ``--act-scale migrate`` (rows "... migrate": the activation exponents in the weights,
+one 8-bit digit per activation in the kernels).
 
 * onnxruntime int8: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, U8S8) of the fp32
   export (``cwhawq export --fp32``), calibrated on the same images as the cwhawq plans;
@@ -160,13 +162,19 @@ def build_model(model: str, work: Path, quick: bool, targets: dict, episodes: in
                 sh("plan", method, spec, "--sens", sens, *args, "--out", plan)
             else:
                 sh("plan", method, spec, *args, "--out", plan)
+        # the 224x224 models have random weights: their codes' rounding changes no kernel, and a
+        # learned-rounding reconstruction of ResNet-18 at 224 costs many CPU minutes
+        rounding = [] if zoo else ["--rounding", "nearest"]
         onnx_path = work / f"{model}.{slug}.onnx"
         if not onnx_path.exists():
-            # the 224x224 models have random weights: their codes' rounding changes no kernel, and a
-            # learned-rounding reconstruction of ResNet-18 at 224 costs many CPU minutes
-            rounding = [] if zoo else ["--rounding", "nearest"]
             sh("export", spec, "--plan", plan, *data, *rounding, "--out", onnx_path)
         onnxs[label] = onnx_path
+        if method != "uniform" or "A8" in label:
+            # the same plan with the activation exponents migrated into the weights (one 8-bit digit)
+            mig = work / f"{model}.{slug}.migrate.onnx"
+            if not mig.exists():
+                sh("export", spec, "--plan", plan, *data, *rounding, "--act-scale", "migrate", "--out", mig)
+            onnxs[f"{label} migrate"] = mig
     for tname, tspec in targets.items():
         for label, onnx_path in onnxs.items():
             art = work / f"{onnx_path.stem}.{tname}.so"
