@@ -172,12 +172,13 @@ def mixed_cnn(fmt: str = "qdq", batch="N", seed: int = 0, h: int = 9):
 
 
 def tiny_transformer(seed: int = 0, t: int = 6, d: int = 8, heads: int = 2, mlp: int = 16,
-                     per_token_layer: bool = False):
+                     per_token_layer: bool = False, migrate: bool = False):
     """A pre-LN transformer block on token inputs [N, T, D] in the exported format: LayerNorm,
     Q/K/V/out projections and a GELU (erf) MLP as quantized token Linears (MatMul + Add, per-feature
     activation quantizers on axis 2, mixed 8/4/2-bit weights), softmax attention in float, two
     residual Adds. ``per_token_layer`` adds a last Linear whose activation quantizer is per *token*
-    (axis 1; with T == D it has as many scales as features)."""
+    (axis 1; with T == D it has as many scales as features). ``migrate``: the token Linears as
+    ``export --act-scale migrate`` writes them."""
     bld = _Builder("qdq", seed)
     rng = bld.rng
     hd = d // heads
@@ -194,7 +195,7 @@ def tiny_transformer(seed: int = 0, t: int = 6, d: int = 8, heads: int = 2, mlp:
         w = (rng.normal(size=(n, k)) / np.sqrt(k)).astype(np.float32)
         b = (0.1 * rng.normal(size=n)).astype(np.float32)
         return bld.qlayer(name, x, "token", w, b, _bits(rng, n), np.full(k, 8), True,
-                          rng.uniform(0.5, 4.0, size=k).astype(np.float32))
+                          rng.uniform(0.5, 4.0, size=k).astype(np.float32), migrate=migrate)
 
     def heads_of(x, name, perm):
         shp = bld._t(np.array([-1, t, heads, hd], np.int64), f"{name}.shape")
@@ -466,19 +467,23 @@ def _transformer_inputs(rng, t, d):
             np.full((1, t, d), 1e4, np.float32), -np.abs(rng.normal(size=(2, t, d))).astype(np.float32) * 30]
 
 
-def test_transformer_block_matches_onnxruntime(tmp, backend):
+@pytest.mark.parametrize("migrate", [False, True], ids=["pow2", "migrate"])
+def test_transformer_block_matches_onnxruntime(tmp, backend, migrate):
     """Token Linears (MatMul + bias Add on [N, T, D]) on the packed integer kernels with M = N x T
     rows, the residual Adds fused; LayerNorm, softmax, the attention matmuls and GELU on our CPU
-    schedules; compiled = onnxruntime within 1e-3 relative on every input."""
+    schedules; compiled = onnxruntime within 1e-3 relative on every input (also with the exponents
+    migrated into the weights: then one 8-bit digit per activation)."""
     t, d = 6, 8
-    m = tiny_transformer(3, t=t, d=d)
-    path = tmp / "tiny_transformer.onnx"
+    m = tiny_transformer(3, t=t, d=d, migrate=migrate)
+    path = tmp / f"tiny_transformer_{migrate}.onnx"
     onnx.save(m, str(path))
-    res = backend.compile_model(path, "llvm", tmp / "tiny_transformer.so")
+    res = backend.compile_model(path, "llvm", tmp / f"tiny_transformer_{migrate}.so")
     lowered = {s["layer"]: s for s in res.report["lowered"]}
     assert set(lowered) == TOKEN_LAYERS
     for s in lowered.values():
         assert s["mode"] == "int" and s["act"]["integer"], s
+        if migrate:
+            assert s["act"]["digits"] == 1 and s["kernel"]["exponent_classes"] is None, s
     assert lowered["attn.out"]["fused"] == ["add"] and lowered["mlp.fc2"]["fused"] == ["add"]
     assert res.report["fallback_to_tvm_fp32"] == [  # only the attention's activation x activation products
         {"node": n, "op": "MatMul", "reason": "weights are not constant (or not a per-channel DequantizeLinear "
