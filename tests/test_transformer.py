@@ -289,6 +289,23 @@ def test_mha_pt2_found_analyzed_and_exported(mha_files):
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep["verify"]["samples"] > 0 and rep["verify"]["rel_diff"] <= 1e-4, rep["verify"]
     assert rep["verify"]["argmax_agreement"] == 1.0 and rep["rounding"]["method"] == "learned"
+    # ... and compiled (the projections on the packed kernels, the attention's bmm on our CPU
+    # schedules), equal to onnxruntime also far outside the calibrated range, and benchmarked
+    pytest.importorskip("tvm")
+    from cwhawq.backends import tvm as backend
+
+    r = CliRunner().invoke(cli, ["compile", str(d / "mha.onnx"), "--target", "llvm", "--out", str(d / "mha.so")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    man = json.loads((d / "mha.manifest.json").read_text())
+    assert {s["layer"] for s in man["lowering"]["lowered"]} == {"patch", "attn.in_proj", "attn.out_proj", "head"}
+    art = backend.load_artifact(str(d / "mha.so"))
+    sess = ort.InferenceSession(str(d / "mha.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for x in (rng.random((3, 1, 8, 8), np.float32), rng.normal(size=(2, 1, 8, 8)).astype(np.float32) * 100):
+        y, ref = art.run({"input": x})[0], sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        assert float(np.abs(y - ref).max()) <= 1e-3 * float(np.abs(ref).max()) + 1e-6
+    r = CliRunner().invoke(cli, ["bench", str(d / "mha.so"), "--batch", "1", "--repeat", "5", "--json"])
+    assert r.exit_code == 0, (r.output, r.exception)
 
 
 # ===================================================================================== demo
