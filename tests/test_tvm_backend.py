@@ -421,28 +421,7 @@ def test_migrated_exponents_run_one_digit(tmp, backend, fmt):
     compiled model equals onnxruntime, also on inputs far outside the calibrated range; a fused
     producer writes its migrated consumer's operand, mixed weight bits, signed and unsigned inputs,
     a depthwise consumer (not migrated) and a dense head."""
-    bld = _Builder(fmt, 11)
-    rng = bld.rng
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])
-    wide = rng.uniform(0.2, 40.0, 8)        # 8 channels spanning several exponents
-    w1 = rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * 0.1
-    t = bld.qlayer("conv1", "x", "conv", w1, rng.normal(size=16).astype(np.float32) * 0.1, _bits(rng, 16),
-                   np.full(8, 8), True, wide, {"pads": [1, 1, 1, 1]}, migrate=True)
-    t = bld.node("Relu", [t], name="relu1").output[0]
-    w2 = rng.normal(size=(24, 16, 1, 1)).astype(np.float32) * 0.2
-    t = bld.qlayer("conv2", t, "conv", w2, rng.normal(size=24).astype(np.float32) * 0.1, _bits(rng, 24),
-                   np.full(16, 8), False, rng.uniform(0.5, 30.0, 16), migrate=True)
-    t = bld.node("Relu", [t], name="relu2").output[0]
-    wd = rng.normal(size=(24, 1, 3, 3)).astype(np.float32) * 0.3
-    t = bld.qlayer("dw", t, "conv", wd, rng.normal(size=24).astype(np.float32) * 0.1, np.full(24, 8),
-                   np.full(24, 8), False, rng.uniform(0.5, 30.0, 24), {"pads": [1, 1, 1, 1], "group": 24})
-    t = bld.node("GlobalAveragePool", [t], name="gap").output[0]
-    t = bld.node("Flatten", [t], name="flat").output[0]
-    wf = rng.normal(size=(10, 24)).astype(np.float32) * 0.3
-    bld.qlayer("fc", t, "linear", wf, rng.normal(size=10).astype(np.float32) * 0.1, _bits(rng, 10),
-               np.full(24, 8), True, rng.uniform(0.5, 20.0, 24), migrate=True)
-    y = helper.make_tensor_value_info(bld.nodes[-1].output[0], TensorProto.FLOAT, ["N", 10])
-    m = bld.model([x], [y])
+    m = _migrate_net(fmt, True)
     p = tmp / f"migrate_{fmt}.onnx"
     onnx.save(m, str(p))
     res = backend.compile_model(p, "llvm", tmp / f"migrate_{fmt}.so")
@@ -451,10 +430,46 @@ def test_migrated_exponents_run_one_digit(tmp, backend, fmt):
     for name in ("conv1", "conv2", "fc"):
         assert low[name]["mode"] == "int" and low[name]["kernel"]["exponent_classes"] is None, low[name]
         assert low[name]["act"]["digits"] == 1, low[name]
+    from cwhawq.backends.cli_commands import compile_text
+
+    assert "--act-scale migrate" not in compile_text(res)
+    rng = np.random.default_rng(12)
     art = backend.load_artifact(res.artifact)
     for xin in (rng.normal(size=(2, 8, 6, 6)).astype(np.float32) * 5, rng.normal(size=(1, 8, 6, 6)).astype(np.float32) * 500,
                 np.zeros((1, 8, 6, 6), np.float32)):
         _close(art.run({"x": xin})[0], ort_run(m, {"x": xin})[0], rel=1e-3)
+    if fmt == "qdq":   # the same graph with pow2 scales: wide operands, and compile says what would help
+        p2 = tmp / "migrate_twin_pow2.onnx"
+        onnx.save(_migrate_net(fmt, False), str(p2))
+        res2 = backend.compile_model(p2, "llvm", tmp / "migrate_twin_pow2.so")
+        assert "--act-scale migrate" in compile_text(res2)
+
+
+def _migrate_net(fmt, migrate):
+    """conv (signed input) -> relu -> 1x1 conv -> relu -> depthwise -> pool -> Gemm; activation
+    ranges that span several pow2 exponents; ``migrate`` as the exporter writes it."""
+    bld = _Builder(fmt, 11)
+    rng = bld.rng
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])
+    wide = rng.uniform(0.2, 40.0, 8)        # 8 channels spanning several exponents
+    w1 = rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * 0.1
+    t = bld.qlayer("conv1", "x", "conv", w1, rng.normal(size=16).astype(np.float32) * 0.1, _bits(rng, 16),
+                   np.full(8, 8), True, wide, {"pads": [1, 1, 1, 1]}, migrate=migrate)
+    t = bld.node("Relu", [t], name="relu1").output[0]
+    w2 = rng.normal(size=(24, 16, 1, 1)).astype(np.float32) * 0.2
+    t = bld.qlayer("conv2", t, "conv", w2, rng.normal(size=24).astype(np.float32) * 0.1, _bits(rng, 24),
+                   np.full(16, 8), False, rng.uniform(0.5, 30.0, 16), migrate=migrate)
+    t = bld.node("Relu", [t], name="relu2").output[0]
+    wd = rng.normal(size=(24, 1, 3, 3)).astype(np.float32) * 0.3
+    t = bld.qlayer("dw", t, "conv", wd, rng.normal(size=24).astype(np.float32) * 0.1, np.full(24, 8),
+                   np.full(24, 8), False, rng.uniform(0.5, 30.0, 24), {"pads": [1, 1, 1, 1], "group": 24})
+    t = bld.node("GlobalAveragePool", [t], name="gap").output[0]
+    t = bld.node("Flatten", [t], name="flat").output[0]
+    wf = rng.normal(size=(10, 24)).astype(np.float32) * 0.3
+    bld.qlayer("fc", t, "linear", wf, rng.normal(size=10).astype(np.float32) * 0.1, _bits(rng, 10),
+               np.full(24, 8), True, rng.uniform(0.5, 20.0, 24), migrate=migrate)
+    y = helper.make_tensor_value_info(bld.nodes[-1].output[0], TensorProto.FLOAT, ["N", 10])
+    return bld.model([x], [y])
 
 
 TOKEN_LAYERS = {"attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc1", "mlp.fc2"}
