@@ -125,7 +125,13 @@ def cli(ctx, debug):
             dist.init()
         except CwhawqError as e:
             _fail(str(e).splitlines()[0], e.exit_code)
-        ctx.call_on_close(dist.finish)
+        ctx.call_on_close(lambda: dist.finish(sync=_ended_normally()))
+
+
+def _ended_normally() -> bool:
+    """In a context's close callbacks: the command returned (or exited with code 0)."""
+    e = sys.exc_info()[1]
+    return e is None or (isinstance(e, SystemExit) and e.code in (0, None))
 
 
 data_option = click.option("--data", "data_spec", default=None,

@@ -84,13 +84,19 @@ def init() -> bool:
     return True
 
 
-def finish() -> None:
-    """Leave the process group (no-op when not in one)."""
+def finish(sync: bool = False) -> None:
+    """Leave the process group (no-op when not in one). ``sync`` (a command that ended normally):
+    wait for every rank first, so that no rank tears its connections down while a peer is still
+    using them (on rank 1 of a 2-process run that ended normally, gloo aborted the process in
+    destroy_process_group while rank 0 was still writing its output). Not after an error: a rank
+    that died or stopped answering would hold the others here for the group's timeout."""
     if _STATE["on"]:
         import torch.distributed as td
 
         _STATE.update(on=False, rank=0, world=1)
         try:
+            if sync:
+                td.barrier()
             td.destroy_process_group()
         except Exception:   # the group is already broken: nothing left to release
             pass
