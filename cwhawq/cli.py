@@ -20,6 +20,7 @@ import click
 from . import __version__
 from .baselines import PLANNERS
 from .errors import CwhawqError
+from .quantizers import ACT_SCALE_MODES
 
 _DEBUG = {"on": False}
 # the commands torchrun may run on several processes (cwhawq.dist)
@@ -205,7 +206,7 @@ def _log_err(m):
 @click.option("--plan", "plan_path", default=None, help="Bit plan (JSON) to simulate.")
 @click.option("--calib-batches", default=4, show_default=True, type=click.IntRange(1),
               help="Batches of the train split used to calibrate activation ranges (with --plan).")
-@click.option("--act-scale", default="pow2", show_default=True, type=click.Choice(["pow2", "migrate", "free"]),
+@click.option("--act-scale", default="pow2", show_default=True, type=click.Choice(ACT_SCALE_MODES),
               help="Activation scale representation (with --plan): pow2 (S * 2^k per channel), migrate (the "
                    "same codes, the 2^k moved into the weights before they are quantized: one 8-bit digit "
                    "in the kernels) or free.")
@@ -407,7 +408,7 @@ def plan_from_onnx_cmd(onnx_path, out, as_json):
 @data_dir_option
 @click.option("--calib-batches", default=4, show_default=True, type=click.IntRange(1),
               help="Batches of the train split calibrating activation ranges (as eval --plan).")
-@click.option("--act-scale", default="pow2", show_default=True, type=click.Choice(["pow2", "migrate", "free"]),
+@click.option("--act-scale", default="pow2", show_default=True, type=click.Choice(ACT_SCALE_MODES),
               help="Activation scales (as eval --plan): pow2, migrate (exponents in the weights) or free.")
 @click.option("--finetune-epochs", default=0, show_default=True, type=click.IntRange(0),
               help="Quantization-aware fine-tuning epochs before export (as eval --plan).")

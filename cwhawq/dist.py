@@ -86,10 +86,10 @@ def init() -> bool:
 
 def finish(sync: bool = False) -> None:
     """Leave the process group (no-op when not in one). ``sync`` (a command that ended normally):
-    wait for every rank first, so that no rank tears its connections down while a peer is still
-    using them (on rank 1 of a 2-process run that ended normally, gloo aborted the process in
-    destroy_process_group while rank 0 was still writing its output). Not after an error: a rank
-    that died or stopped answering would hold the others here for the group's timeout."""
+    wait for every rank first, so that all ranks destroy the group together and none tears its
+    connections down while a peer still writes its output or uses them. Not after an error: a rank
+    that died or stopped answering would hold the others here for the group's timeout. (The barrier
+    alone did not stop a rank aborting in PyTorch's teardown after this; see ``cli._leave_group``.)"""
     if _STATE["on"]:
         import torch.distributed as td
 

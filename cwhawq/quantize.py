@@ -174,7 +174,7 @@ class Quantizer:
         self.weight_method = weight_method
         self.ranges = ranges if ranges is not None else calibrate_ranges(qm, calib, calib_method)
         self.signed = {n: bool((r["min"] < 0).any()) for n, r in self.ranges.items()}
-        self._wcache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._wcache: dict[tuple[str, int, bytes | None], tuple[np.ndarray, np.ndarray]] = {}  # (layer, bits, exponents)
         self.bit_set = tuple(bit_set)
 
     def weight_for(self, name: str, b: int, exponents=None) -> tuple[np.ndarray, np.ndarray]:

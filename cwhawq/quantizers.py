@@ -156,6 +156,9 @@ def act_pow2_scales(ranges: np.ndarray, bits, signed: bool) -> tuple[float, np.n
     return base, k.astype(np.int32)
 
 
+ACT_SCALE_MODES = ("pow2", "migrate", "free")   # act_scales' modes (the CLI's --act-scale choices)
+
+
 def act_scales(ranges: np.ndarray, bits, signed: bool, mode: str = "pow2") -> tuple[np.ndarray, dict]:
     """Per-channel activation scales (float32) and the representation's parameters."""
     if mode in ("pow2", "migrate"):
@@ -165,9 +168,6 @@ def act_scales(ranges: np.ndarray, bits, signed: bool, mode: str = "pow2") -> tu
     if mode == "free":
         return act_free_scales(ranges, bits, signed), {"mode": "free"}
     raise ValueError(f"unknown activation scale mode {mode!r} ({', '.join(ACT_SCALE_MODES)})")
-
-
-ACT_SCALE_MODES = ("pow2", "migrate", "free")
 
 
 def migrate_weight(w: np.ndarray, exponents) -> np.ndarray:
