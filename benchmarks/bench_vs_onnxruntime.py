@@ -6,7 +6,9 @@ ResNet-18 and MobileNetV2 at 1x3x224x224 (benchmarks/_archs.py, seeded random we
 statistics), batch 1: onnxruntime fp32 and int8, cwhawq fp32, W8A8, W4A8; zoo:vit-fmnist (batch 1):
 the same rows and the cw-greedy plans at bits:4 and bits:3. Every plan with 8-bit activations is also
 exported with ``--act-scale migrate`` (rows "... migrate": the activation exponents in the weights,
-one 8-bit digit per activation in the kernels).
+one 8-bit digit per activation in the kernels). Rows for AVX2's exact ``vpmaddubsw`` path, exported
+migrated only: W7A8 (7-bit weights) on every model, and on resnet20 the cw-greedy bits:3 plan over
+the bit set {2, 4, 7}.
 
 * onnxruntime int8: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, U8S8) of the fp32
   export (``cwhawq export --fp32``), calibrated on the same images as the cwhawq plans;
@@ -112,6 +114,15 @@ def ort_int8(fp32: Path, out: Path, calib: np.ndarray) -> None:
     os.replace(tmp, out)
 
 
+# 7-bit weights exist for AVX2 (vpmaddubsw, exact) and run one-digit activations: migrated rows only
+MIGRATED_ONLY = {"W7A8", "cw-greedy bits:3 {2,4,7}"}
+
+
+def _has_omega(sens: Path, bits: int) -> bool:
+    """Whether a sensitivity file has Omega at ``bits`` (files from before 7-bit weights lack it)."""
+    return str(bits) in json.loads(sens.read_text())["layers"][0]["weight"]["omega"]
+
+
 def build_model(model: str, work: Path, quick: bool, targets: dict, episodes: int) -> list[dict]:
     """Exports, plans and artifacts of one model; returns the variants to time."""
     zoo = model in ZOO
@@ -141,6 +152,8 @@ def build_model(model: str, work: Path, quick: bool, targets: dict, episodes: in
                  "path": str(int8)}]
     plans = {"W8A8": ("uniform", ["--w-bits", "8", "--a-bits", "8"]),
              "W4A8": ("uniform", ["--w-bits", "4", "--a-bits", "8"])}
+    if not quick:  # 7-bit weights: the exact vpmaddubsw path on AVX2 (exported migrated only)
+        plans["W7A8"] = ("uniform", ["--w-bits", "7", "--a-bits", "8"])
     if model == "vit" and not quick:
         plans["cw-greedy bits:4"] = ("cw-greedy", ["--budget", "bits:4"])
         plans["cw-greedy bits:3"] = ("cw-greedy", ["--budget", "bits:3"])
@@ -148,13 +161,16 @@ def build_model(model: str, work: Path, quick: bool, targets: dict, episodes: in
         plans["W8A6"] = ("uniform", ["--w-bits", "8", "--a-bits", "6"])
         plans["cw-greedy bits:3"] = ("cw-greedy", ["--budget", "bits:3"])
         plans["CW-HAWQ (DDPG) bits:3"] = ("search", ["--budget", "bits:3", "--episodes", str(episodes), "--seed", "0"])
+        plans["cw-greedy bits:3 {2,4,7}"] = ("cw-greedy", ["--budget", "bits:3", "--bits", "2,4,7"])
     onnxs = {"fp32": fp32}
     sens = work / f"{model}.sens.json"
     for label, (method, args) in plans.items():
         slug = label.split()[0].replace(":", "").replace("(", "").replace(")", "").lower()
+        if "{" in label:
+            slug += "." + label.split("{")[1].rstrip("}").replace(",", "")
         plan = work / f"{model}.{slug}.plan.json"
         if not plan.exists():
-            if method in ("cw-greedy", "search") and not sens.exists():
+            if method in ("cw-greedy", "search") and (not sens.exists() or not _has_omega(sens, 7)):
                 sh("analyze", spec, *data, "--out", sens)
             if method == "search":
                 sh("search", spec, *data, "--sens", sens, *args, "--out", plan)
@@ -166,9 +182,10 @@ def build_model(model: str, work: Path, quick: bool, targets: dict, episodes: in
         # learned-rounding reconstruction of ResNet-18 at 224 costs many CPU minutes
         rounding = [] if zoo else ["--rounding", "nearest"]
         onnx_path = work / f"{model}.{slug}.onnx"
-        if not onnx_path.exists():
-            sh("export", spec, "--plan", plan, *data, *rounding, "--out", onnx_path)
-        onnxs[label] = onnx_path
+        if label not in MIGRATED_ONLY:
+            if not onnx_path.exists():
+                sh("export", spec, "--plan", plan, *data, *rounding, "--out", onnx_path)
+            onnxs[label] = onnx_path
         if method != "uniform" or "A8" in label:
             # the same plan with the activation exponents migrated into the weights (one 8-bit digit)
             mig = work / f"{model}.{slug}.migrate.onnx"

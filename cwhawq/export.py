@@ -66,7 +66,7 @@ MAX_OPSET = 25          # the newest opset torch's exporter emits natively (and 
 MIN_IR_VERSION = 10     # metadata_props on nodes and initializers
 
 _INT2 = getattr(TensorProto, "INT2", None)  # onnx >= 1.20
-_STORAGE = {8: TensorProto.INT8, 6: TensorProto.INT8, 4: TensorProto.INT4, 3: TensorProto.INT4, 2: _INT2}
+_STORAGE = {8: TensorProto.INT8, 7: TensorProto.INT8, 6: TensorProto.INT8, 4: TensorProto.INT4, 3: TensorProto.INT4, 2: _INT2}
 _TYPE_OPSET = {TensorProto.INT8: MIN_OPSET, TensorProto.INT4: OPSET_INT4, _INT2: OPSET_INT2}
 
 # operators that act on each channel independently (data input first, any other input a constant)

@@ -45,7 +45,7 @@ import math
 
 import numpy as np
 
-BIT_CHOICES = (2, 3, 4, 6, 8)
+BIT_CHOICES = (2, 3, 4, 6, 7, 8)
 MSE_GRID = 80
 MSE_MIN_RATIO = 0.2
 MAX_ACT_SHIFT_BITS = 15  # qmax << k must fit in this many bits (int16 activations)

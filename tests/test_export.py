@@ -401,14 +401,14 @@ def test_cli_export_pt2(tmp_path):
 @pytest.mark.slow
 @needs_fmnist
 def test_lenet_folded_and_accuracy(tmp_path):
-    """LeNet, 2..8 bits: every permutation but the last folds (through ReLU, MaxPool, flatten);
+    """LeNet, 2..8 bits (7-bit weights in INT8 containers too): every permutation but the last folds (through ReLU, MaxPool, flatten);
     onnxruntime matches the simulation on the whole test split."""
     from cwhawq.models import load_model
 
     loaded = load_model("zoo:lenet-fmnist")
     infos = canonicalize(loaded.module, loaded.input_shape).layer_infos
-    plan = _random_plan(infos, np.random.default_rng(0), w_p=[0.3, 0.1, 0.3, 0.1, 0.2], a_p=[0.6, 0.2, 0.2],
-                        model="zoo:lenet-fmnist")
+    plan = _random_plan(infos, np.random.default_rng(0), w_bits=(8, 7, 6, 4, 3, 2), w_p=[0.2, 0.1, 0.1, 0.3, 0.1, 0.2],
+                        a_p=[0.6, 0.2, 0.2], model="zoo:lenet-fmnist")
     out = tmp_path / "lenet.onnx"
     rep = export_onnx(loaded, plan, out, verify=0, eval_split="test")
     assert [lr["unperm"] for lr in rep["layers"]] == ["folded:conv2", "folded:fc1", "folded:fc2", "gather"]

@@ -177,6 +177,7 @@ DENSE_CASES = [
     (64, 200, [4, 2], "u8", 16),
     (16, 16, [2], "free", "n"),
     (70, 50, [8, 2], None, 7),
+    (40, 90, [7, 6, 4], "u8", 3),   # 7/6-bit codes on 8-bit activations: AVX2 vpmaddubsw, J = 1 / 2
 ]
 
 
@@ -217,6 +218,11 @@ CONV_CASES = [
     (3, 20, 8, 8, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, [2], "free", "n", ("NCHW", "NCHW")),
     (3, 20, 8, 8, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [8], None, 2, ("NCHW", "NHWC", "NCHW")),
     (32, 48, 7, 7, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [8], "u8", 2, ("NHWC", "NHWC")),
+    (24, 40, 7, 7, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [7, 4, 2], "u8", 2, ("NHWC", "NCHW")),
+    # flushes inside a tap: unrolled chunks (<= 16 per tap), and a loop over chunks with a rest
+    (40, 20, 6, 6, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, [4, 2], "u8", 1, ("NHWC", "NHWC")),
+    (74, 20, 4, 4, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, [7, 2], "u8", 2, ("NHWC", "NHWC")),
+    (600, 16, 3, 3, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, [4], "u8", 1, ("NHWC", "NHWC")),
     (8, 8, 9, 9, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, [8, 4, 2], "pow2", "n", ("NHWC", "NHWC")),
     (8, 16, 9, 9, 3, (2, 2), (1, 1, 1, 1), (1, 1), 8, [4, 2], "free", 2, ("NCHW", "NCHW", "NHWC")),
 ]
@@ -381,6 +387,7 @@ CODEGEN = [
     ("x86_avxvnni", {"kind": "llvm", "mcpu": "alderlake"}, "u8", [4, 2], "vpdpbusd"),
     ("x86_avx2", {"kind": "llvm", "mcpu": "haswell"}, "pow2", [8, 4, 2], "vpmaddwd"),
     ("x86_avx2", {"kind": "llvm", "mcpu": "znver3"}, "u8", [4, 2], "vpmaddubsw"),
+    ("x86_avx2", {"kind": "llvm", "mcpu": "haswell"}, "u8", [7, 4], "vpmaddubsw"),
     ("arm_dot", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "pow2", [8, 2],
      "sdot"),
     ("arm_neon", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}, "u8", [8, 4], "smlal"),
@@ -394,6 +401,33 @@ def test_each_instruction_set_is_selected_and_emits_its_instruction(isa, cfg, ac
     assert I.isa_for_target(target) == isa
     op = P.LinearOp(k=64, n_out=40, groups=_groups(40, 64, bits), act=_act(act, 64))
     assert instr in _asm(emit.linear_module(op, isa, batch=4), target)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("bits,strategy", [(7, "Avx2U8"), (6, "Avx2U8"), (8, "Avx2I16")])
+def test_avx2_takes_vpmaddubsw_whenever_no_pair_can_saturate(bits, strategy):
+    """8-bit one-digit activations on AVX2: ``vpmaddubsw`` for codes up to 7 bits (a pair of
+    255 x 63 products fits int16), ``vpmaddwd`` with a note for the user at 8 bits; exact on the
+    worst case (every code at +-max with one sign per row, every activation at 255 or 0)."""
+    k, n = 72, 20
+    qm = (1 << (bits - 1)) - 1
+    q = np.full((n, k), qm)
+    q[1::2] = -qm
+    q[2, ::3] = RNG.integers(-qm, qm + 1, len(q[2, ::3]))
+    g = P.WeightGroup(out_index=RNG.permutation(n), scale=RNG.uniform(0.01, 0.1, n).astype(np.float32), codes=q)
+    op = P.LinearOp(k=k, n_out=n, groups=[g], bias=RNG.normal(size=n).astype(np.float32), act=_act("u8", k))
+    d = emit.describe(op, "x86_avx2")
+    assert d["kernel"] == [strategy] and d["act"] == ("u8" if strategy == "Avx2U8" else "i16"), d
+    assert bool(d["notes"]) == (bits == 8), d
+    if not X86:
+        pytest.skip("the AVX2 kernels run on x86-64 only (selection checked above)")
+    x = np.full((4, k), 1e3, np.float32)
+    x[1] = -1e3
+    x[2, ::2] = 0.0
+    x[3] = _inputs((1, k), 3)[0]
+    with _emulated("x86_avx2"):
+        y = _run(emit.linear_module(op, "x86_avx2", batch=4), x)
+    _close(y, op.reference(x))
 
 
 def test_portable_fallback_is_flagged():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,8 @@ from cwhawq.errors import CompileError  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
-GROUP_ORDER = (8, 6, 4, 3, 2)
-WTYPE = {8: TensorProto.INT8, 6: TensorProto.INT8, 4: TensorProto.INT4, 3: TensorProto.INT4, 2: TensorProto.INT2}
+GROUP_ORDER = (8, 7, 6, 4, 3, 2)
+WTYPE = {8: TensorProto.INT8, 7: TensorProto.INT8, 6: TensorProto.INT8, 4: TensorProto.INT4, 3: TensorProto.INT4, 2: TensorProto.INT2}
 
 
 # ===================================================================================== builders
@@ -443,9 +444,26 @@ def test_migrated_exponents_run_one_digit(tmp, backend, fmt):
         onnx.save(_migrate_net(fmt, False), str(p2))
         res2 = backend.compile_model(p2, "llvm", tmp / "migrate_twin_pow2.so")
         assert "--act-scale migrate" in compile_text(res2)
+    if fmt == "qdq" and platform.machine() in ("x86_64", "AMD64"):
+        # the AVX2 build: 8-bit codes stay on vpmaddwd and compile says what 7 bits would buy;
+        # with 7-bit codes every layer takes vpmaddubsw (u8 operand); both exact on every input
+        avx2 = json.dumps({"kind": "llvm", "mcpu": "haswell"})
+        for choices, note in (((8, 4, 2), True), ((7, 4, 2), False)):
+            m3 = _migrate_net(fmt, True, choices)
+            p3 = tmp / f"migrate_avx2_{choices[0]}.onnx"
+            onnx.save(m3, str(p3))
+            res3 = backend.compile_model(p3, avx2, tmp / f"migrate_avx2_{choices[0]}.so")
+            low3 = {s["layer"]: s for s in res3.report["lowered"]}
+            for name in ("conv1", "conv2", "fc"):
+                assert low3[name]["kernel"]["kernel"] == (["Avx2I16"] if note else ["Avx2U8"]), low3[name]
+            assert ("7-bit weights" in compile_text(res3)) == note
+            art3 = backend.load_artifact(res3.artifact)
+            for xin in (rng.normal(size=(2, 8, 6, 6)).astype(np.float32) * 5,
+                        rng.normal(size=(1, 8, 6, 6)).astype(np.float32) * 500):
+                _close(art3.run({"x": xin})[0], ort_run(m3, {"x": xin})[0], rel=1e-3)
 
 
-def _migrate_net(fmt, migrate):
+def _migrate_net(fmt, migrate, choices=(8, 4, 2)):
     """conv (signed input) -> relu -> 1x1 conv -> relu -> depthwise -> pool -> Gemm; activation
     ranges that span several pow2 exponents; ``migrate`` as the exporter writes it."""
     bld = _Builder(fmt, 11)
@@ -453,11 +471,11 @@ def _migrate_net(fmt, migrate):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])
     wide = rng.uniform(0.2, 40.0, 8)        # 8 channels spanning several exponents
     w1 = rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * 0.1
-    t = bld.qlayer("conv1", "x", "conv", w1, rng.normal(size=16).astype(np.float32) * 0.1, _bits(rng, 16),
+    t = bld.qlayer("conv1", "x", "conv", w1, rng.normal(size=16).astype(np.float32) * 0.1, _bits(rng, 16, choices),
                    np.full(8, 8), True, wide, {"pads": [1, 1, 1, 1]}, migrate=migrate)
     t = bld.node("Relu", [t], name="relu1").output[0]
     w2 = rng.normal(size=(24, 16, 1, 1)).astype(np.float32) * 0.2
-    t = bld.qlayer("conv2", t, "conv", w2, rng.normal(size=24).astype(np.float32) * 0.1, _bits(rng, 24),
+    t = bld.qlayer("conv2", t, "conv", w2, rng.normal(size=24).astype(np.float32) * 0.1, _bits(rng, 24, choices),
                    np.full(16, 8), False, rng.uniform(0.5, 30.0, 16), migrate=migrate)
     t = bld.node("Relu", [t], name="relu2").output[0]
     wd = rng.normal(size=(24, 1, 3, 3)).astype(np.float32) * 0.3
@@ -466,7 +484,7 @@ def _migrate_net(fmt, migrate):
     t = bld.node("GlobalAveragePool", [t], name="gap").output[0]
     t = bld.node("Flatten", [t], name="flat").output[0]
     wf = rng.normal(size=(10, 24)).astype(np.float32) * 0.3
-    bld.qlayer("fc", t, "linear", wf, rng.normal(size=10).astype(np.float32) * 0.1, _bits(rng, 10),
+    bld.qlayer("fc", t, "linear", wf, rng.normal(size=10).astype(np.float32) * 0.1, _bits(rng, 10, choices),
                np.full(24, 8), True, rng.uniform(0.5, 20.0, 24), migrate=migrate)
     y = helper.make_tensor_value_info(bld.nodes[-1].output[0], TensorProto.FLOAT, ["N", 10])
     return bld.model([x], [y])

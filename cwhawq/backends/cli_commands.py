@@ -44,12 +44,22 @@ def compile_text(res) -> str:
             lines.append(f"  {s['layer']:<{width}}  {s['kind']:<9} {s['mode']:<5} w[{bits}] packed "
                          f"{_kib(s['packed_bytes'])} (fp32 {_kib(s['fp32_bytes'])}){act}{fused}")
         lines.append(f"weights packed: {_kib(rep['packed_bytes'])} vs fp32 {_kib(rep['fp32_bytes'])}")
+    # activation integers wider than one 8-bit digit (the kernels then run several digits, exponent
+    # classes or, on AVX2, int16 operands)
     wide = [s["layer"] for s in lowered if s["act"] and s["act"]["integer"]
-            and ((s.get("kernel") or {}).get("digits", 1) > 1 or (s.get("kernel") or {}).get("exponent_classes"))]
+            and "depthwise" not in ((s.get("kernel") or {}).get("kernel") or ())   # float products
+            and ((s["act"].get("digits") or 1) > 1 or (s.get("kernel") or {}).get("digits", 1) > 1
+                 or (s.get("kernel") or {}).get("exponent_classes"))]
     if wide:
-        lines.append(f"note: {len(wide)} layer(s) multiply their activations as several 8-bit digits or exponent "
-                     "classes (the pow2 exponents widen the codes); exported with `--act-scale migrate` each would "
-                     "be one 8-bit digit (faster; accuracy: docs/results.md)")
+        lines.append(f"note: {len(wide)} layer(s) have activation integers wider than 8 bits (the pow2 exponents "
+                     "widen the codes: several 8-bit digits, exponent classes or int16 operands); exported with "
+                     "`--act-scale migrate` each would be one 8-bit digit (faster; accuracy: docs/results.md)")
+    notes: dict[str, list[str]] = {}
+    for s in lowered:
+        for n in (s.get("kernel") or {}).get("notes") or ():
+            notes.setdefault(n, []).append(s["layer"])
+    for n, layers in notes.items():
+        lines.append(f"note: {len(layers)} layer(s): {n}")
     fp32 = [s["layer"] for s in lowered if s["mode"] == "fp32"]
     if fp32:
         lines.append(f"fp32 layers (our fp32 kernels): {', '.join(fp32)}")

@@ -52,8 +52,10 @@ def describe(op: LinearOp, isa) -> dict:
         return {"kernel": "depthwise", "act": "f32"}
     ss = isa.strategies(op)
     seg = ss[0].fmt.segments
+    notes = sorted({s.note for s in ss if s.note})
     return {"kernel": sorted({type(s).__name__ for s in ss}), "act": ss[0].fmt.kind,
-            "digits": ss[0].fmt.digits, "exponent_classes": len(seg.shifts) if seg is not None else None}
+            "digits": ss[0].fmt.digits, "exponent_classes": len(seg.shifts) if seg is not None else None,
+            "notes": notes}
 
 
 def _outputs(bb, call, n_out: int):

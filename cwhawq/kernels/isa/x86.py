@@ -9,10 +9,13 @@ AVX2 has no saturation-free 8-bit dot product, so two strategies:
     16-bit operands, pairs summed in int32) into four int32x8 accumulators per 16 channels whose
     adjacent lanes are summed in the epilogue. The same multiply count per MAC as onnxruntime's
     u8s8 ``vpmaddubsw`` + ``vpmaddwd`` pair, without its int16 saturation.
-``Avx2U8`` (every group <= 4-bit and the activations one unsigned digit)
+``Avx2U8`` (the activations one unsigned digit and no group's codes able to saturate a pair:
+    2 * span * max|q| <= 32767, i.e. weights of at most 7 bits on 8-bit activations)
     ``vpmaddubsw`` (32 MACs) of the uint8 activation digit and the signed weight codes, summed in
-    int16 for ``J`` words (``J * 2 * 255 * max|q| <= 32767``, so never saturating) and widened
-    with one ``vpmaddwd`` by ones per J words: about half the multiply work of ``Avx2I16``.
+    int16 for ``J`` words (``J * 2 * span * max|q| <= 32767``, so never saturating: J = 1 for
+    7-bit, 2 for 6-bit, 8 for 4-bit weights on 8-bit activations) and widened with one
+    ``vpmaddwd`` by ones per J words: 3 vector instructions per 32 MACs at J = 1 (onnxruntime's
+    u8s8 count, which saturates at 8 bits), about 2 at J = 8, against 4 for ``Avx2I16``.
 
 AVX-512 VNNI / AVX-VNNI: ``vpdpbusd`` (u8 activation digits x s8 codes, int32 accumulation, no
 saturation) on zmm / ymm; activations needing more than 256 levels take two unsigned digits.
@@ -268,13 +271,23 @@ def _float_or_fp32(op, regs, bits):
 AVX2_CLASS_GROWTH = 1.0
 
 
+# What compile tells the user when one-digit activations stay on vpmaddwd because of wide codes.
+AVX2_WIDE_CODES_NOTE = ("8-bit weight codes run vpmaddwd on AVX2 (a pair of 255 x 127 products overflows "
+                        "vpmaddubsw's int16); 7-bit weights (`--w-bits 7`, or `--bits 2,4,7`) run "
+                        "vpmaddubsw, exactly (docs/kernels.md)")
+
+
 def _avx2(isa, op):
     if op.mode != "int":
         return _float_or_fp32(op, 16, 256)
     fmt = one_digit_unsigned(op, AVX2_CLASS_GROWTH)
     if fmt is not None and all(u8_flush_words(op, g, fmt) >= 1 for g in op.groups):
         return [Avx2U8(op, g, fmt) for g in op.groups]
-    return [Avx2I16(op, g) for g in op.groups]
+    ss = [Avx2I16(op, g) for g in op.groups]
+    if fmt is not None and fmt.segments is None:  # one digit, but a group's codes could saturate
+        for s in ss:
+            s.note = AVX2_WIDE_CODES_NOTE
+    return ss
 
 
 def _avx512(isa, op):
