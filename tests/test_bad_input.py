@@ -334,7 +334,7 @@ def generic_rows(files: set[str]) -> list[Row]:
                              (",", "bit-widths must come from")):
                 rows.append(Row(_join(_replace(argv, "--bits", bad)), msg))
         if "--a-bits" in opts:
-            rows.append(Row(_join(_replace(argv, "--a-bits", "7")), "must come from"))
+            rows.append(Row(_join(_replace(argv, "--a-bits", "5")), "must come from"))
         if "--budget" in opts:
             for bad, msg in (("size:2", "fraction of fp32"), ("size:0", "must be positive"),
                              ("bits:-1", "must be positive"), ("bits:40", "average weight bit-width"),

@@ -174,6 +174,6 @@ def test_analyze_output_format(tiny_q):
         assert len(rec["activation"]["trace"]) == info.in_channels
         for side in ("weight", "activation"):
             om = rec[side]["omega"]
-            assert set(om) == {"2", "3", "4", "6", "8"}
+            assert set(om) == {"2", "3", "4", "6", "7", "8"}
             # more bits, less error
             assert np.all(np.asarray(om["2"]) >= np.asarray(om["8"]) - 1e-12)
