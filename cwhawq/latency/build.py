@@ -64,7 +64,8 @@ def _check_plan_spec(spec, infos):
         try:
             w = int(s.split(":", 1)[1])
         except ValueError:
-            raise PlanError(f"--check {s!r}: use uniform:W (W in 2,3,4,6,8) or a plan file") from None
+            raise PlanError(f"--check {s!r}: use uniform:W (W in {','.join(map(str, BIT_CHOICES))}) "
+                             "or a plan file") from None
 
         if w not in BIT_CHOICES:
             raise PlanError(f"--check {s!r}: weight bits must come from {list(BIT_CHOICES)}")
