@@ -229,6 +229,32 @@ def test_latency_table_predict_ratio_and_cost_model():
         LatencyTable({"format": "something else"})
 
 
+def test_latency_table_negative_overhead_never_predicts_below_zero():
+    """Layers alone summing to more than the model (a call's cost in each): c = -overhead / layers comes
+    off each layer, so a plan's prediction is the model's, but a layer never goes below its proportional
+    share; the search's separable sum is that prediction before the slowest-layer floor, and positive."""
+    from cwhawq.graph import LayerInfo
+    from cwhawq.plan import LayerPlan, Plan, parse_budget
+    from cwhawq.search.costs import make_cost_model
+
+    d = _toy_table()
+    d["fp32"] = {"model_s": 30.0, "layers_s": 40.0, "overhead_s": -10.0}   # c = 5 per layer
+    t = LatencyTable(d)
+    plan = Plan([LayerPlan("a", [8, 8, 8, 8], [8, 8]), LayerPlan("b", [2, 2, 4, 4], [8, 8])])
+    # a: 15 - 5 = 10 (its proportional share 15 * 30/40 = 11.25 is larger); b: 21 - 5 = 16 (> 15.75)
+    assert t.predict(plan) == pytest.approx(11.25 + 16.0)
+    infos = [LayerInfo(k, n, "conv", 2, 4, (3, 3), (1, 1), 1, (4, 2, 3, 3), 72, (2, 4, 4), (4, 4, 4), 1152)
+             for k, n in enumerate("ab")]
+    cm = make_cost_model(parse_budget("latency:0.9"), infos, latency=t.cost_model(infos))
+    assert cm.exact(plan) == pytest.approx(t.ratio(plan))
+    # noise: the whole model measured far below its layers alone (the -220 x fp32 of a CI run before)
+    d["fp32"] = {"model_s": 1.0, "layers_s": 40.0, "overhead_s": -39.0}
+    t = LatencyTable(d)
+    cm = make_cost_model(parse_budget("latency:0.9"), infos, latency=t.cost_model(infos))
+    assert 0 < cm.exact(plan) <= t.ratio(plan)
+    assert t.predict(plan) == pytest.approx(21.0)   # floored at the slowest layer alone
+
+
 # ===================================================================================== through the tracker
 @pytest.mark.timeout(120)
 def test_bench_local_and_through_tracker(cluster, small):

@@ -110,7 +110,29 @@ class LatencyTable:
         per_layer = [self.layer_seconds(n, plan[n].w_bits, plan[n].a_bits) for n in self.names]
         # a whole model is never faster than its slowest layer run alone (each alone-measurement
         # holds one call's overhead, as the model does): a floor against noise in the differences
-        return max(self.overhead_seconds + sum(per_layer), max(per_layer, default=0.0))
+        total = self.constant_seconds + sum(self.work_seconds(t) for t in per_layer)
+        return max(total, max(per_layer, default=0.0))
+
+    @property
+    def constant_seconds(self) -> float:
+        """The prediction's constant term: a positive overhead (what is not a layer); 0 when the
+        layers alone sum to more than the model (their per-call costs, see :meth:`work_seconds`)."""
+        return max(self.overhead_seconds, 0.0)
+
+    def work_seconds(self, alone_s: float) -> float:
+        """A layer's share of the whole model from its alone-measurement ``alone_s``.
+
+        With a positive overhead it is ``alone_s``. With a negative one, each alone-measurement holds a
+        call's cost the model pays once: ``c = -overhead / layers`` comes off every layer, so the fp32
+        plan predicts the fp32 model. Noise can make a fast layer's ``alone_s - c`` tiny or negative
+        (a tiny model predicted at -220 x fp32): the share is never below the proportional one,
+        ``alone_s * T_fp32 / sum of fp32 layers``, which is always positive."""
+        ov = self.overhead_seconds
+        if ov >= 0:
+            return alone_s
+        n = max(len(self.data["layers"]), 1)
+        layers_s = self.fp32_seconds - ov
+        return max(alone_s + ov / n, alone_s * self.fp32_seconds / layers_s)
 
     def ratio(self, plan) -> float:
         """Predicted latency relative to the fp32 model compiled for the same target (``latency:R``)."""
@@ -118,12 +140,13 @@ class LatencyTable:
 
     def cost_model(self, infos):
         """The table as a separable :class:`cwhawq.search.costs.LayerLatencyCost` over ``infos``:
-        layer cost = ``layer_seconds / T_fp32``, constant = ``overhead / T_fp32``; total = ratio."""
+        layer cost = ``work_seconds(layer_seconds) / T_fp32``, constant = ``constant_seconds / T_fp32``;
+        total = ratio (before the slowest-layer floor), never negative."""
         for i in infos:
             self._entry(i.name)
         t = self.fp32_seconds
-        return LayerLatencyCost(infos, lambda info, w, a: self.layer_seconds(info.name, w, a) / t,
-                                const=self.overhead_seconds / t)
+        return LayerLatencyCost(infos, lambda info, w, a: self.work_seconds(self.layer_seconds(info.name, w, a)) / t,
+                                const=self.constant_seconds / t)
 
     def summary(self) -> dict:
         d = self.data
