@@ -323,6 +323,57 @@ def test_producer_writes_the_consumers_operand(isa, prod, cons, monkeypatch):
     _close(_run(bb.get(), xin), ref)
 
 
+PANEL_CASES = [
+    # conv: cin, cout, h, bits, act, batch (3 blocks of 16: tiles with a tail block; mixed groups)
+    ("conv", 24, 40, 12, [8, 4, 2], "u8", 2),
+    ("conv", 24, 40, 12, [4, 2], "pow2", 1),
+    ("conv", 20, 33, 9, [2], "u8zp", "n"),
+    ("dense", 53, 37, None, [4, 2], "u8", 16),
+    ("dense", 90, 40, None, [7, 4], "s8", 9),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("kind,cin,cout,h,bits,act,batch", PANEL_CASES)
+def test_weight_panel_unpacked_once_per_task(isa, kind, cin, cout, h, bits, act, batch, monkeypatch):
+    """Sub-8-bit groups unpacked once per task into an 8-bit panel that every row tile reads (forced
+    here for any number of tiles): equal to the reference; the strategies with packed records
+    build the panel, the portable ones do not, and 8-bit groups never need one."""
+    from cwhawq.kernels import core
+
+    monkeypatch.setattr(core, "PANEL_MIN_TILES", 1)
+    if kind == "conv":
+        op, g2, wrows = _conv_op("c", cin, cout, h, h, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, bits, act,
+                                 ("NHWC", "NHWC"), residual=batch == 2)
+        nb = 3 if batch == "n" else batch
+        x = _inputs((nb, cin, h, h), 3)
+        args = [_to("NHWC", x)]
+        r = None
+        if op.residual:
+            r = RNG.normal(size=(nb, cout, g2.out_h, g2.out_w)).astype(np.float32)
+            args.append(_to("NHWC", r))
+        make = lambda: emit.conv_module(op, isa, batch=batch, residual=op.residual)  # noqa: E731
+        ref = _to("NHWC", P.reference_conv(op, g2, x, wrows, r))
+    else:
+        op = P.LinearOp(k=cin, n_out=cout, groups=_groups(cout, cin, bits), bias=RNG.normal(size=cout).astype(np.float32),
+                        act=_act(act, cin))
+        args = [_inputs((batch, cin), 3)]
+        make = lambda: emit.linear_module(op, isa, batch=batch)  # noqa: E731
+        ref = op.reference(args[0])
+    with _emulated(isa):
+        mod = make()
+        y = _run(mod, *args)
+    panels = mod.script().count(f', {4 * packing.BLOCK_N}), "uint8")')
+    strategies = I.get(isa).strategies(op)
+    narrow = [s for s in strategies if s.g.bits < 8]
+    if type(strategies[0]).record8 is core.Strategy.record8:
+        assert panels == 0
+    else:
+        assert panels == len(narrow) > 0
+    _close(y, ref)
+
+
 @pytest.mark.tvm
 @pytest.mark.parametrize("isa", sorted({"x86_avx512_vnni", "arm_dot", HOST_ISA} & set(CPU_ISAS) | ({"x86_avx2"} if X86 else set())))
 def test_exponent_classes_give_one_digit(isa, monkeypatch):

@@ -11,11 +11,14 @@ from __future__ import annotations
 from ..core import ActFormat, Strategy
 from ..packing import WORD_K, RecordLayout, pack_records
 from . import Isa, register
-from .common import intrin, Fp32, PortableFloat, PortableInt, best_tile, bcast_word, dot4_half_s8
+from .common import (intrin, Fp32, PortableFloat, PortableInt, best_tile, bcast_word, dot4_half_s8,
+                     panel_record8)
 
 
 class Sdot(Strategy):
     regs = 32
+    vector_bits = 128
+    record8 = panel_record8
 
     def __init__(self, op, group, fmt: ActFormat):
         super().__init__(op, group)
@@ -41,7 +44,7 @@ class Sdot(Strategy):
         for nt in range(t.ntc):
             nb = t.block(nt)
             for q in range(4):
-                w = T.Bind(dot4_half_s8(t, t.W, nb, kw, self.g.bits, 4 * q, 16))
+                w = T.Bind(dot4_half_s8(t, t.W, nb, kw, t.wbits, 4 * q, 16))
                 for mi in range(t.mtc):
                     for d in range(nd):
                         i = ((mi * t.ntc + nt) * nd + d) * 4 + q

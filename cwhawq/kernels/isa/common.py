@@ -131,6 +131,24 @@ def dot4_half_s8(t, W, nb, kw, bits: int, first: int, lanes: int):
     return T.reinterpret(f"int8x{lanes}", u - T.broadcast(T.uint8(zero), lanes))
 
 
+def record_as_8bit(t, W, nb, kw, kind: str, bits: int, vector_bits: int = 512):
+    """Record (``nb``, ``kw``) of ``bits``-bit ``kind`` records as the 8-bit record of that layout
+    (uint8x64: two's complement codes, in the byte order the 8-bit inner loop loads);
+    ``vector_bits``: the machine's vectors (256: built from two halves, as the ymm loops unpack)."""
+    T = t.T
+    if kind == "dot4":
+        lanes = min(4 * BLOCK_N, vector_bits // 8)
+        v = concat([dot4_half_s8(t, W, nb, kw, bits, f, lanes) for f in range(0, BLOCK_N, lanes // 4)])
+    else:  # quads / pairs: vector q of the 8-bit record is bytes 16q .. 16q + 15
+        v = concat([T.Cast("int8x16", quad_i16(t, W, nb, kw, bits, q)) for q in range(4)])
+    return T.reinterpret("uint8x64", v)
+
+
+def panel_record8(self, t, W, nb, kw):
+    """:meth:`Strategy.record8` of a strategy with a packed ``self.layout``."""
+    return record_as_8bit(t, W, nb, kw, self.layout.kind, self.g.bits, self.vector_bits)
+
+
 # ------------------------------------------------------------------ quads unpacking
 def quad_i16(t, W, nb, kw, bits: int, q: int):
     """Vector ``q`` of a ``quads`` / ``pairs`` record as signed int16x16 (same storage rule)."""

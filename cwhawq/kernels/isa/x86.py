@@ -27,7 +27,7 @@ from ..core import ActFormat, Strategy
 from ..packing import WORD_K, RecordLayout, pack_records
 from . import Isa, register
 from .common import (intrin, Fp32, PortableFloat, best_tile, bcast_word, code_abs_max, concat, dot4_half_s8,
-                     quad_i16)
+                     panel_record8, quad_i16)
 
 
 # ===================================================================================== AVX2 int16
@@ -35,6 +35,7 @@ class Avx2I16(Strategy):
     """``pairs`` layout: per k pair, two int16x16 weight vectors (channels 0-7, 8-15) and one
     broadcast of the row's two int16 activations; int32x8 results are 8 channels each."""
     regs = 16
+    vector_bits = 256
     acc_regs = 2
     max_mt = int(__import__("os").environ.get("I16MT", "4"))
 
@@ -42,6 +43,8 @@ class Avx2I16(Strategy):
         super().__init__(op, group)
         self.fmt = ActFormat("i16")
         self.layout = RecordLayout("pairs", group.bits)
+
+    record8 = panel_record8
 
     def pack(self, kp):
         return pack_records(self.kernel_codes(), self.layout, kp)
@@ -62,7 +65,7 @@ class Avx2I16(Strategy):
             for nt in range(t.ntc):
                 nb = t.block(nt)
                 for h in range(2):
-                    w = T.Bind(quad_i16(t, t.W, nb, kw, self.g.bits, 2 * pp + h))
+                    w = T.Bind(quad_i16(t, t.W, nb, kw, t.wbits, 2 * pp + h))
                     for mi in range(t.mtc):
                         self.acc_add(t, acc, (mi * t.ntc + nt) * 2 + h, 8,
                                      intrin(T, "int32x8", "llvm.x86.avx2.pmadd.wd", w, a[mi]))
@@ -104,6 +107,7 @@ def one_digit_unsigned(op, max_growth: float):
 
 class Avx2U8(Strategy):
     regs = 16
+    vector_bits = 256
     acc_regs = 3  # two int16 sums + the int32 totals (touched once per flush)
 
     def __init__(self, op, group, fmt: ActFormat):
@@ -111,6 +115,8 @@ class Avx2U8(Strategy):
         self.fmt = fmt
         self.layout = RecordLayout("dot4", group.bits)
         self.flush_every = u8_flush_words(op, group, fmt)
+
+    record8 = panel_record8
 
     def pack(self, kp):
         return pack_records(self.kernel_codes(), self.layout, kp)
@@ -131,7 +137,7 @@ class Avx2U8(Strategy):
         for nt in range(t.ntc):
             nb = t.block(nt)
             for h in range(2):
-                w = T.Bind(dot4_half_s8(t, t.W, nb, kw, self.g.bits, 8 * h, 32))
+                w = T.Bind(dot4_half_s8(t, t.W, nb, kw, t.wbits, 8 * h, 32))
                 for mi in range(t.mtc):
                     self.acc_add(t, a16, (mi * t.ntc + nt) * 2 + h, 16,
                                  intrin(T, "int16x16", "llvm.x86.avx2.pmadd.ub.sw", a[mi], w))
@@ -164,9 +170,12 @@ class Vnni(Strategy):
         self.fmt = fmt
         self.lanes = lanes
         self.regs = 32 if lanes == 16 else 16
+        self.vector_bits = 32 * lanes
         self.acc_regs = fmt.digits * (16 // lanes)
         self.layout = RecordLayout("dot4", group.bits)
         self.intrin = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
+
+    record8 = panel_record8
 
     def pack(self, kp):
         return pack_records(self.kernel_codes(), self.layout, kp)
@@ -188,7 +197,7 @@ class Vnni(Strategy):
         for nt in range(t.ntc):
             nb = t.block(nt)
             for hh in range(h):
-                w = T.Bind(dot4_half_s8(t, t.W, nb, kw, self.g.bits, 16 // h * hh, 4 * ln))
+                w = T.Bind(dot4_half_s8(t, t.W, nb, kw, t.wbits, 16 // h * hh, 4 * ln))
                 for mi in range(t.mtc):
                     for d in range(nd):
                         i = ((mi * t.ntc + nt) * nd + d) * h + hh
@@ -218,12 +227,15 @@ class Vnni(Strategy):
 # ===================================================================================== AVX-512 int16
 class Avx512I16(Strategy):
     regs = 32
+    vector_bits = 512
     acc_regs = 2
 
     def __init__(self, op, group):
         super().__init__(op, group)
         self.fmt = ActFormat("i16")
         self.layout = RecordLayout("quads", group.bits)
+
+    record8 = panel_record8
 
     def pack(self, kp):
         return pack_records(self.kernel_codes(), self.layout, kp)
@@ -242,7 +254,7 @@ class Avx512I16(Strategy):
         for nt in range(t.ntc):
             nb = t.block(nt)
             for o in range(2):
-                w = T.Bind(concat([quad_i16(t, t.W, nb, kw, self.g.bits, 2 * o + i) for i in range(2)]))
+                w = T.Bind(concat([quad_i16(t, t.W, nb, kw, t.wbits, 2 * o + i) for i in range(2)]))
                 for mi in range(t.mtc):
                     self.acc_add(t, acc, (mi * t.ntc + nt) * 2 + o, 16,
                                  intrin(T, "int32x16", "llvm.x86.avx512.pmaddw.d.512", w, a[mi]))
