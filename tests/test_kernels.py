@@ -101,11 +101,11 @@ def _host():
 
 HOST_TARGET, HOST_ISA = _host()
 X86 = str(HOST_TARGET.attrs.get("mtriple", "")).startswith("x86_64")
-EMULATED = {"x86_avx512_vnni", "x86_avx512", "x86_avxvnni", "arm_dot", "x86_avx2"} - {HOST_ISA}
+EMULATED = {"x86_avx512_vnni_vbmi", "x86_avx512_vnni", "x86_avx512", "x86_avxvnni", "arm_dot", "x86_avx2"} - {HOST_ISA}
 if not X86:
     EMULATED -= {"x86_avx2"}
 CPU_ISAS = sorted({HOST_ISA, "generic"} | EMULATED)
-ALL_INTRINSICS = {"llvm.x86.avx2.pmadd.wd", "llvm.x86.avx512.pmaddw.d.512", "llvm.x86.avx2.pmadd.ub.sw",
+ALL_INTRINSICS = {C.VBMI_PERMUTE, "llvm.x86.avx2.pmadd.wd", "llvm.x86.avx512.pmaddw.d.512", "llvm.x86.avx2.pmadd.ub.sw",
                   "llvm.x86.avx512.vpdpbusd.512", "llvm.x86.avx512.vpdpbusd.256", "llvm.aarch64.neon.sdot.v4i32.v16i8"}
 
 
@@ -389,7 +389,7 @@ def test_exponent_classes_give_one_digit(isa, monkeypatch):
     assert act.digits()[0] == 2
     op = P.LinearOp(k=k, n_out=n, groups=_groups(n, k, [4, 2]), bias=RNG.normal(size=n).astype(np.float32), act=act)
     fmt = I.get(isa).strategies(op)[0].fmt
-    if isa in ("x86_avx2", "x86_avx512_vnni", "arm_dot"):
+    if isa in ("x86_avx2", "x86_avx512_vnni", "x86_avx512_vnni_vbmi", "arm_dot"):
         assert fmt.segments is not None and fmt.digits == 1 and fmt.kind in ("u8", "s8")
     x = _inputs((5, k), 3)
     with _emulated(isa):
@@ -433,7 +433,10 @@ def _asm(mod, target) -> str:
 
 
 CODEGEN = [
-    ("x86_avx512_vnni", {"kind": "llvm", "mcpu": "sapphirerapids"}, "u8", [8, 4, 2], "vpdpbusd"),
+    ("x86_avx512_vnni_vbmi", {"kind": "llvm", "mcpu": "sapphirerapids"}, "u8", [8, 4, 2], "vpdpbusd"),
+    ("x86_avx512_vnni_vbmi", {"kind": "llvm", "mcpu": "sapphirerapids"}, "u8", [4, 2], "vpmultishiftqb"),
+    ("x86_avx512_vnni_vbmi", {"kind": "llvm", "mcpu": "znver4"}, "u8", [4], "vpermb"),
+    ("x86_avx512_vnni", {"kind": "llvm", "mcpu": "cascadelake"}, "u8", [8, 4, 2], "vpdpbusd"),
     ("x86_avx512", {"kind": "llvm", "mcpu": "skylake-avx512"}, "pow2", [8, 4], "vpmaddwd"),
     ("x86_avxvnni", {"kind": "llvm", "mcpu": "alderlake"}, "u8", [4, 2], "vpdpbusd"),
     ("x86_avx2", {"kind": "llvm", "mcpu": "haswell"}, "pow2", [8, 4, 2], "vpmaddwd"),

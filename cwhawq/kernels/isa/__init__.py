@@ -6,6 +6,8 @@ weight layout it reads). Instruction sets are registered by name (:func:`registe
 :func:`select` picks the best one a TVM target has, :func:`get` one by name (tests, benchmarks).
 
 ============================  ================================================================
+``x86_avx512_vnni_vbmi``      AVX-512 VNNI with VBMI (Ice Lake and later, Zen 4): 4/2-bit records
+                              unpacked by ``vpmultishiftqb`` + ``vpermb``
 ``x86_avx512_vnni``           AVX-512 VNNI ``vpdpbusd`` on zmm (u8 x s8, int32 accumulation)
 ``x86_avx512``                AVX-512BW without VNNI: ``vpmaddwd`` on zmm (int16 x int16)
 ``x86_avxvnni``               AVX-VNNI ``vpdpbusd`` on ymm (e.g. Alder Lake and later)

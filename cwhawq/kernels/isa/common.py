@@ -95,8 +95,25 @@ def dot4_codes_k(t, W, nb, kw, bits: int, j: int):
     return T.Cast("int32x16", u) - T.broadcast(T.int32(lay.zero), 16)
 
 
-def dot4_half_s8(t, W, nb, kw, bits: int, first: int, lanes: int):
-    """Signed bytes of channels ``first .. first + lanes/4 - 1`` (dot4 byte order) as int8xlanes."""
+VBMI_SHIFT = "llvm.x86.avx512.pmultishift.qb.512"
+VBMI_PERMUTE = "llvm.x86.avx512.permvar.qi.512"
+
+
+def _const_bytes(T, values):
+    """An int8 vector constant (a Shuffle of scalars, which LLVM folds into one constant)."""
+    from tvm import tirx  # noqa: PLC0415
+
+    return tirx.Shuffle([tirx.const(int(v), "int8") for v in values],
+                        [tirx.const(i, "int32") for i in range(len(values))])
+
+
+def dot4_half_s8(t, W, nb, kw, bits: int, first: int, lanes: int, vbmi: bool = False):
+    """Signed bytes of channels ``first .. first + lanes/4 - 1`` (dot4 byte order) as int8xlanes.
+
+    ``vbmi`` (a whole record on zmm, AVX-512 VBMI): ``vpmultishiftqb`` takes each byte's field from
+    its qword at its plane's bit offset and ``vpermb`` maps the field (low bits; the neighbours'
+    bits above it index equal table entries) to the signed code: 2 shuffle-port instructions, where
+    the shift / mask / subtract sequence puts a variable shift on port 0 beside ``vpdpbusd``."""
     T = t.T
     nch = lanes // 4
     rb = record_bytes(bits)
@@ -105,6 +122,12 @@ def dot4_half_s8(t, W, nb, kw, bits: int, first: int, lanes: int):
     p = 8 // bits
     per = BLOCK_N // p                 # channels per plane
     zero = 1 << (bits - 1)
+    if vbmi and lanes == 4 * BLOCK_N and first == 0 and VBMI_PERMUTE not in EMULATE:
+        raw = T.reinterpret("int8x64", concat([W.vload([nb, kw, c64(0)], f"uint8x{rb}")] * p))
+        ctrl = _const_bytes(T, [(j % 8) * 8 + bits * (j // rb) for j in range(64)])
+        table = _const_bytes(T, [(i & ((1 << bits) - 1)) - zero for i in range(64)])
+        field = T.call_llvm_pure_intrin("int8x64", VBMI_SHIFT, ctrl, raw)
+        return T.call_llvm_pure_intrin("int8x64", VBMI_PERMUTE, table, field)
     if lanes == 4 * BLOCK_N and first == 0:
         # the whole record (zmm): plane q is lanes q*rb .. q*rb + rb-1, the record's bytes shifted by
         # bits*q; one load broadcast p times, one 16-bit variable shift (a byte's neighbour bits land
@@ -131,14 +154,14 @@ def dot4_half_s8(t, W, nb, kw, bits: int, first: int, lanes: int):
     return T.reinterpret(f"int8x{lanes}", u - T.broadcast(T.uint8(zero), lanes))
 
 
-def record_as_8bit(t, W, nb, kw, kind: str, bits: int, vector_bits: int = 512):
+def record_as_8bit(t, W, nb, kw, kind: str, bits: int, vector_bits: int = 512, vbmi: bool = False):
     """Record (``nb``, ``kw``) of ``bits``-bit ``kind`` records as the 8-bit record of that layout
     (uint8x64: two's complement codes, in the byte order the 8-bit inner loop loads);
     ``vector_bits``: the machine's vectors (256: built from two halves, as the ymm loops unpack)."""
     T = t.T
     if kind == "dot4":
         lanes = min(4 * BLOCK_N, vector_bits // 8)
-        v = concat([dot4_half_s8(t, W, nb, kw, bits, f, lanes) for f in range(0, BLOCK_N, lanes // 4)])
+        v = concat([dot4_half_s8(t, W, nb, kw, bits, f, lanes, vbmi) for f in range(0, BLOCK_N, lanes // 4)])
     else:  # quads / pairs: vector q of the 8-bit record is bytes 16q .. 16q + 15
         v = concat([T.Cast("int8x16", quad_i16(t, W, nb, kw, bits, q)) for q in range(4)])
     return T.reinterpret("uint8x64", v)
@@ -146,7 +169,8 @@ def record_as_8bit(t, W, nb, kw, kind: str, bits: int, vector_bits: int = 512):
 
 def panel_record8(self, t, W, nb, kw):
     """:meth:`Strategy.record8` of a strategy with a packed ``self.layout``."""
-    return record_as_8bit(t, W, nb, kw, self.layout.kind, self.g.bits, self.vector_bits)
+    return record_as_8bit(t, W, nb, kw, self.layout.kind, self.g.bits, self.vector_bits,
+                          getattr(self, "vbmi", False))
 
 
 # ------------------------------------------------------------------ quads unpacking

@@ -18,7 +18,9 @@ AVX2 has no saturation-free 8-bit dot product, so two strategies:
     u8s8 count, which saturates at 8 bits), about 2 at J = 8, against 4 for ``Avx2I16``.
 
 AVX-512 VNNI / AVX-VNNI: ``vpdpbusd`` (u8 activation digits x s8 codes, int32 accumulation, no
-saturation) on zmm / ymm; activations needing more than 256 levels take two unsigned digits.
+saturation) on zmm / ymm; activations needing more than 256 levels take two unsigned digits. With
+AVX-512 VBMI too (Ice Lake and later, Zen 4) 4/2-bit records are unpacked by ``vpmultishiftqb`` +
+``vpermb`` (``x86_avx512_vnni_vbmi``).
 AVX-512BW without VNNI: ``vpmaddwd`` on zmm, as ``Avx2I16``.
 """
 from __future__ import annotations
@@ -165,10 +167,11 @@ class Avx2U8(Strategy):
 class Vnni(Strategy):
     """``vpdpbusd`` on ``lanes`` = 16 (zmm) or 8 (ymm) int32 lanes; D unsigned activation digits."""
 
-    def __init__(self, op, group, fmt: ActFormat, lanes: int):
+    def __init__(self, op, group, fmt: ActFormat, lanes: int, vbmi: bool = False):
         super().__init__(op, group)
         self.fmt = fmt
         self.lanes = lanes
+        self.vbmi = vbmi and lanes == 16   # 4/2-bit records unpacked by vpmultishiftqb + vpermb
         self.regs = 32 if lanes == 16 else 16
         self.vector_bits = 32 * lanes
         self.acc_regs = fmt.digits * (16 // lanes)
@@ -197,7 +200,7 @@ class Vnni(Strategy):
         for nt in range(t.ntc):
             nb = t.block(nt)
             for hh in range(h):
-                w = T.Bind(dot4_half_s8(t, t.W, nb, kw, t.wbits, 16 // h * hh, 4 * ln))
+                w = T.Bind(dot4_half_s8(t, t.W, nb, kw, t.wbits, 16 // h * hh, 4 * ln, self.vbmi))
                 for mi in range(t.mtc):
                     for d in range(nd):
                         i = ((mi * t.ntc + nt) * nd + d) * h + hh
@@ -308,7 +311,7 @@ def _avx512(isa, op):
     return [Avx512I16(op, g) for g in op.groups]
 
 
-def _vnni(lanes):
+def _vnni(lanes, vbmi=False):
     def make(isa, op):
         if op.mode != "int":
             return _float_or_fp32(op, 32 if lanes == 16 else 16, 512 if lanes == 16 else 256)
@@ -316,10 +319,12 @@ def _vnni(lanes):
         if fmt is None:
             nd, off = op.act.unsigned_digits()
             fmt = ActFormat("u8", nd, off)
-        return [Vnni(op, g, fmt, lanes) for g in op.groups]
+        return [Vnni(op, g, fmt, lanes, vbmi) for g in op.groups]
     return make
 
 
+register(Isa("x86_avx512_vnni_vbmi", "AVX-512 VNNI vpdpbusd (zmm), VBMI unpacking", "x86_64",
+             ("avx512bw", "avx512vnni", "avx512vbmi"), priority=45, vector_bits=512, strategies_fn=_vnni(16, True)))
 register(Isa("x86_avx512_vnni", "AVX-512 VNNI vpdpbusd (zmm)", "x86_64", ("avx512bw", "avx512vnni"),
              priority=40, vector_bits=512, strategies_fn=_vnni(16)))
 register(Isa("x86_avx512", "AVX-512BW vpmaddwd (zmm)", "x86_64", ("avx512bw",), priority=30, vector_bits=512,
