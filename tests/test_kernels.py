@@ -473,6 +473,11 @@ def test_avx2_takes_vpmaddubsw_whenever_no_pair_can_saturate(bits, strategy):
     d = emit.describe(op, "x86_avx2")
     assert d["kernel"] == [strategy] and d["act"] == ("u8" if strategy == "Avx2U8" else "i16"), d
     assert bool(d["notes"]) == (bits == 8), d
+    (s,) = I.get("x86_avx2").strategies(op)
+    if bits == 7:  # J = 1: every vpmaddubsw result widened at once, no int16 sums, 4-row tiles
+        assert s.direct and s.flush_every is None and s.tile(4).mt == 4, (s.flush_every, s.tile(4))
+    elif bits == 6:  # J = 2 words summed in int16 between widenings
+        assert not s.direct and s.flush_every == 2, s.flush_every
     if not X86:
         pytest.skip("the AVX2 kernels run on x86-64 only (selection checked above)")
     x = np.full((4, k), 1e3, np.float32)

@@ -108,15 +108,20 @@ def one_digit_unsigned(op, max_growth: float):
 
 
 class Avx2U8(Strategy):
+    """``flush_every`` = J words summed in int16 between widenings; at J = 1 (7-bit codes) every
+    ``vpmaddubsw`` result is widened at once (``direct``: no int16 accumulators, whose registers the
+    tile then gives to a fourth row, and no per-word flush points)."""
     regs = 16
     vector_bits = 256
-    acc_regs = 3  # two int16 sums + the int32 totals (touched once per flush)
 
     def __init__(self, op, group, fmt: ActFormat):
         super().__init__(op, group)
         self.fmt = fmt
         self.layout = RecordLayout("dot4", group.bits)
-        self.flush_every = u8_flush_words(op, group, fmt)
+        fe = u8_flush_words(op, group, fmt)
+        self.direct = fe == 1
+        self.flush_every = None if self.direct else fe
+        self.acc_regs = 2 if self.direct else 3  # the int32 totals (+ two int16 sums)
 
     record8 = panel_record8
 
@@ -124,27 +129,38 @@ class Avx2U8(Strategy):
         return pack_records(self.kernel_codes(), self.layout, kp)
 
     def tile(self, expected_rows):
+        if self.direct:  # int32 totals, 2 weight vectors, the rows' broadcasts, ones, one product
+            return best_tile(self, expected_rows, lambda mt, nt: 2 * mt * nt + 2 * nt + mt + 2,
+                             lambda mt, nt: mt * nt / (mt + 2 * nt))
         return best_tile(self, expected_rows, lambda mt, nt: 3 * mt * nt + 2 * nt + mt + 1,
                          lambda mt, nt: mt * nt / (mt + 2 * nt))
 
     def begin(self, t):
         n = t.mtc * t.ntc
-        t.state["a16"] = self.zero_acc(t, n * 2, 16, "int16")
+        if not self.direct:
+            t.state["a16"] = self.zero_acc(t, n * 2, 16, "int16")
         t.state["a32"] = self.zero_acc(t, n * 2, 8, "int32")
 
     def word(self, t, kw, aload):
         T = t.T
-        a16 = t.state["a16"]
+        a16 = t.state.get("a16")
+        ones = T.broadcast(T.int16(1), 16)
         a = [T.Bind(T.reinterpret("int8x32", bcast_word(T, aload(0, r, WORD_K), "uint8", 32))) for r in t.rows]
         for nt in range(t.ntc):
             nb = t.block(nt)
             for h in range(2):
                 w = T.Bind(dot4_half_s8(t, t.W, nb, kw, t.wbits, 8 * h, 32))
                 for mi in range(t.mtc):
-                    self.acc_add(t, a16, (mi * t.ntc + nt) * 2 + h, 16,
-                                 intrin(T, "int16x16", "llvm.x86.avx2.pmadd.ub.sw", a[mi], w))
+                    i = (mi * t.ntc + nt) * 2 + h
+                    p = intrin(T, "int16x16", "llvm.x86.avx2.pmadd.ub.sw", a[mi], w)
+                    if self.direct:
+                        self.acc_add(t, t.state["a32"], i, 8, intrin(T, "int32x8", "llvm.x86.avx2.pmadd.wd", p, ones))
+                    else:
+                        self.acc_add(t, a16, i, 16, p)
 
     def flush(self, t):
+        if self.direct:
+            return
         T = t.T
         a16, a32 = t.state["a16"], t.state["a32"]
         ones = T.broadcast(T.int16(1), 16)
