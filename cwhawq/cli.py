@@ -450,8 +450,10 @@ def export_cmd(model, plan_path, fp32, out, fmt, opset, data_spec, data_dir, cal
 @data_dir_option
 @click.option("--budget", default="bits:3", show_default=True, help="Budget of the searched and baseline plans.")
 @click.option("--episodes", default=200, show_default=True, type=click.IntRange(1), help="DDPG episodes.")
-@click.option("--quick", is_flag=True, help="A short run (under 3 minutes): at most 60 episodes, 2000 test "
-                                            "images, at most 32 Hessian probes, only the CW-HAWQ plan compiled.")
+@click.option("--quick", is_flag=True, help="A shorter run: at most 60 episodes, 2000 test images, at most 32 "
+                                            "Hessian probes, only the CW-HAWQ plan compiled. Most of its minutes "
+                                            "are the learned rounding of the five plans (--rounding nearest "
+                                            "skips it).")
 @click.option("--no-compile", is_flag=True, help="Skip TVM compilation and latency (a model the compiler "
                                                  "refuses skips them with a warning).")
 @click.option("--seed", default=0, show_default=True, type=int)
