@@ -129,10 +129,9 @@ class Avx2U8(Strategy):
         return pack_records(self.kernel_codes(), self.layout, kp)
 
     def tile(self, expected_rows):
-        if self.direct:  # int32 totals, 2 weight vectors, the rows' broadcasts, ones, one product
-            return best_tile(self, expected_rows, lambda mt, nt: 2 * mt * nt + 2 * nt + mt + 2,
-                             lambda mt, nt: mt * nt / (mt + 2 * nt))
-        return best_tile(self, expected_rows, lambda mt, nt: 3 * mt * nt + 2 * nt + mt + 1,
+        # accumulators, 2 weight vectors, the rows' broadcasts, ones (+ the product direct widens)
+        extra = 2 if self.direct else 1
+        return best_tile(self, expected_rows, lambda mt, nt: self.acc_regs * mt * nt + 2 * nt + mt + extra,
                          lambda mt, nt: mt * nt / (mt + 2 * nt))
 
     def begin(self, t):
@@ -143,8 +142,8 @@ class Avx2U8(Strategy):
 
     def word(self, t, kw, aload):
         T = t.T
-        a16 = t.state.get("a16")
-        ones = T.broadcast(T.int16(1), 16)
+        a16, a32 = t.state.get("a16"), t.state["a32"]
+        ones = T.broadcast(T.int16(1), 16) if self.direct else None
         a = [T.Bind(T.reinterpret("int8x32", bcast_word(T, aload(0, r, WORD_K), "uint8", 32))) for r in t.rows]
         for nt in range(t.ntc):
             nb = t.block(nt)
@@ -154,13 +153,11 @@ class Avx2U8(Strategy):
                     i = (mi * t.ntc + nt) * 2 + h
                     p = intrin(T, "int16x16", "llvm.x86.avx2.pmadd.ub.sw", a[mi], w)
                     if self.direct:
-                        self.acc_add(t, t.state["a32"], i, 8, intrin(T, "int32x8", "llvm.x86.avx2.pmadd.wd", p, ones))
+                        self.acc_add(t, a32, i, 8, intrin(T, "int32x8", "llvm.x86.avx2.pmadd.wd", p, ones))
                     else:
                         self.acc_add(t, a16, i, 16, p)
 
-    def flush(self, t):
-        if self.direct:
-            return
+    def flush(self, t):  # never called when direct (flush_every is None)
         T = t.T
         a16, a32 = t.state["a16"], t.state["a32"]
         ones = T.broadcast(T.int16(1), 16)
